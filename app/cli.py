@@ -1,0 +1,38 @@
+"""`imgrec` command line: train, evaluate, serve."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: imgrec {train,evaluate,serve} [options]
+
+  train      train the network and write a model directory (imgrec train --help)
+  evaluate   evaluate a model directory on a test split (imgrec evaluate --help)
+  serve      serve a model directory over HTTP (imgrec serve --help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "train":
+        from app.training.cli import train_main
+
+        return train_main(rest)
+    if command == "evaluate":
+        from app.training.cli import evaluate_main
+
+        return evaluate_main(rest)
+    if command == "serve":
+        from app.serving.cli import serve_main
+
+        return serve_main(rest)
+    print(f"imgrec: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
