@@ -1,0 +1,193 @@
+"""HTTP routes: /predict, /embed, /model, /healthz, /readyz, /metrics. No torch here."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.errors import ApiError
+from app.api.multipart import read_uploads
+from app.serving.service import ImageResult, Service, ServiceError
+
+router = APIRouter()
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+MULTIPART_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                    "description": "one or more images (JPEG, PNG, WebP, "
+                                                   "BMP, GIF)"}},
+        }}},
+    },
+}
+ERRORS_DOC: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed multipart body or no file"},
+    413: {"description": "body over max_upload_bytes, or image over max_image_pixels"},
+    415: {"description": "not an image in an allowed format"},
+    422: {"description": "bad query parameters"},
+    503: {"description": "overloaded or not ready (Retry-After)"},
+    504: {"description": "request deadline passed while queued"},
+}
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+class JSONBytes(Response):
+    """orjson with numpy support: embeddings serialise without a Python list in between."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def _infer(request: Request, service: Service) -> tuple[list[str | None], list[ImageResult]]:
+    s = service.settings
+    if service.draining or not service.ready:
+        raise ApiError(503, "not_ready", "the service is not ready (warming up or shutting down)",
+                       {"Retry-After": str(s.retry_after_s)})
+    uploads = await read_uploads(request, s.max_upload_bytes, s.max_files)
+    try:
+        results = await service.infer([u.data for u in uploads])
+    except ServiceError as e:
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        raise ApiError(e.status, e.code, e.message, headers) from None
+    request.state.images = len(results)
+    return [u.filename for u in uploads], results
+
+
+def _model_ref(service: Service) -> dict[str, str]:
+    assert service.predictor is not None
+    card = service.predictor.card
+    return {"name": card.name, "version": card.version}
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v
+
+
+@router.post("/predict", openapi_extra=MULTIPART_DOC, responses=ERRORS_DOC,
+             summary="Classify one or more uploaded images")
+async def predict(
+    request: Request,
+    service: ServiceDep,
+    top_k: Annotated[int, Query(ge=1, description="labels per image (1..classes)")] = 5,
+    embedding: Annotated[bool, Query(description="add each image's feature vector")] = False,
+) -> JSONBytes:
+    assert service.predictor is not None
+    labels = service.predictor.card.labels
+    if top_k > len(labels):
+        raise ApiError(422, "invalid_parameters",
+                       f"top_k: must be between 1 and {len(labels)} (the model's classes)")
+    filenames, results = await _infer(request, service)
+    out = []
+    for filename, r in zip(filenames, results, strict=True):
+        probs = r.prediction.probs
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        item: dict[str, Any] = {
+            "id": r.id, "filename": filename,
+            "labels": [{"label": labels[i], "index": int(i), "score": float(probs[i])}
+                       for i in order],
+        }
+        if embedding:
+            item["embedding"] = r.prediction.embedding
+        out.append(item)
+    return JSONBytes({"model": _model_ref(service), "results": out})
+
+
+@router.post("/embed", openapi_extra=MULTIPART_DOC, responses=ERRORS_DOC,
+             summary="Feature vectors of uploaded images (kept in the embedding store)")
+async def embed(
+    request: Request,
+    service: ServiceDep,
+    normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
+) -> JSONBytes:
+    _, results = await _infer(request, service)
+    out = [{"id": r.id, "embedding": _unit(r.prediction.embedding) if normalize
+            else r.prediction.embedding} for r in results]
+    return JSONBytes({"model": _model_ref(service), "results": out})
+
+
+@router.get("/embed", responses={404: {"description": "unknown ids (named in the message)"},
+                                 422: {"description": "missing or malformed id"}},
+            summary="Vectors of images the service has already processed")
+async def embed_lookup(
+    service: ServiceDep,
+    id: Annotated[list[str], Query(description="sha256 hex of an image's bytes; repeatable")],
+    normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
+) -> JSONBytes:
+    ids = [i.lower() for i in id]
+    bad = [i for i in ids if not SHA256.match(i)]
+    if bad:
+        raise ApiError(422, "invalid_parameters",
+                       f"id: not a sha256 hex digest: {', '.join(bad[:5])}")
+    if len(ids) > 1000:
+        raise ApiError(422, "invalid_parameters", "id: at most 1000 ids per request")
+    try:
+        found = await service.lookup(ids)
+    except ServiceError as e:
+        raise ApiError(e.status, e.code, e.message, {"Retry-After": str(e.retry_after)}) from None
+    unknown = [i for i in dict.fromkeys(ids) if i not in found]
+    if unknown:
+        raise ApiError(404, "unknown_id", "no embedding stored for id(s): " + ", ".join(unknown))
+    return JSONBytes({"model": _model_ref(service),
+                      "results": [{"id": i, "embedding": _unit(found[i]) if normalize
+                                   else found[i]} for i in ids]})
+
+
+@router.get("/model", summary="The model card's facts, device, dtype and batching settings")
+async def model_info(service: ServiceDep) -> JSONBytes:
+    if service.predictor is None:
+        raise ApiError(503, "not_ready", "the model is still loading",
+                       {"Retry-After": str(service.settings.retry_after_s)})
+    p, s = service.predictor, service.settings
+    card = p.card
+    return JSONBytes({
+        "name": card.name, "version": card.version, "description": card.description,
+        "preset": card.preset, "parameters": card.parameters, "labels": card.labels,
+        "input": card.input.model_dump(), "embedding_dim": card.embedding_dim,
+        "weights_sha256": card.weights_sha256, "metrics": {
+            k: v for k, v in card.metrics.items() if k != "confusion_matrix"},
+        "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+        "instance": p.instance,
+        "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms,
+                     "max_queue": s.max_queue, "request_timeout_ms": s.request_timeout_ms},
+        "limits": {"max_files": s.max_files, "max_upload_bytes": s.max_upload_bytes,
+                   "max_image_pixels": s.max_image_pixels},
+    })
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> JSONBytes:
+    return JSONBytes({"status": "ok"})
+
+
+@router.get("/readyz", summary="Readiness: model loaded and warm, not draining",
+            responses={503: {"description": "warming up or draining"}})
+async def readyz(service: ServiceDep) -> JSONBytes:
+    if service.ready and not service.draining:
+        return JSONBytes({"status": "ready"})
+    state = "draining" if service.draining else "starting"
+    raise ApiError(503, "not_ready", f"not ready: {state}",
+                   {"Retry-After": str(service.settings.retry_after_s)})
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+async def metrics(service: ServiceDep) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one service instance (a registry per app, so tests stay isolated)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("imgrec_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("imgrec_request_seconds", "HTTP request latency by route",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("imgrec_images", "images answered by route", ["route"], registry=r)
+        self.queue_depth = Gauge("imgrec_queue_depth", "images waiting for the network",
+                                 registry=r)
+        self.batch_size = Histogram("imgrec_batch_size", "images per forward pass",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.rejections = Counter("imgrec_rejections", "requests refused, by reason",
+                                  ["reason"], registry=r)
+        self.decode_seconds = Histogram("imgrec_decode_seconds",
+                                        "decode + preprocess time per image",
+                                        buckets=FAST_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("imgrec_inference_seconds",
+                                           "forward pass (+ store write) time per batch",
+                                           buckets=FAST_BUCKETS, registry=r)
+        self.ready = Gauge("imgrec_ready", "1 when ready to serve", registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(seconds)

@@ -1,0 +1,147 @@
+"""The serving core the routes talk to: decode pool -> micro-batcher -> predictor -> store.
+
+Lifecycle: ``start()`` opens the store, loads the model onto its device, runs the warm-up and
+only then reports ready; ``begin_drain()`` turns readiness off and refuses new work;
+``stop()`` answers everything already accepted, then ends the worker and closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFull
+from app.serving.images import ImageError, prepare
+from app.serving.metrics import Metrics
+from app.serving.predictor import Prediction, Predictor
+from app.serving.store import EmbeddingStore, open_store
+from app.settings import Settings
+
+log = logging.getLogger("imgrec.service")
+
+
+class ServiceError(Exception):
+    """A refusal with its HTTP status; the API layer turns it into a JSON error."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+@dataclass(slots=True)
+class ImageResult:
+    id: str
+    prediction: Prediction
+
+
+def _prepare_job(data: bytes, spec: object, max_pixels: int) -> tuple[str, torch.Tensor, float]:
+    t0 = time.perf_counter()
+    image_id = hashlib.sha256(data).hexdigest()
+    tensor = prepare(data, spec, max_pixels)  # type: ignore[arg-type]
+    return image_id, tensor, time.perf_counter() - t0
+
+
+class Service:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.predictor: Predictor | None = None
+        self.batcher: MicroBatcher[tuple[str, torch.Tensor], Prediction] | None = None
+        self.store: EmbeddingStore | None = None
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
+                                               thread_name_prefix="decode")
+        self.ready = False
+        self.draining = False
+        self.started_at = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self.store = await asyncio.to_thread(open_store, s.embed_store, s.embed_store_max_items)
+        self.predictor = await asyncio.to_thread(
+            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, self.store)
+        self.batcher = MicroBatcher(
+            self.predictor.run_batch, max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+            on_batch=self.metrics.observe_batch)
+        # Warm up on the inference thread itself, so its thread-local state is warm too.
+        await asyncio.get_running_loop().run_in_executor(
+            self.batcher._executor, self.predictor.warm_up, s.warmup_batches, s.max_batch_size)
+        self.batcher.start()
+        self.ready = True
+        self.metrics.ready.set(1)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
+        log.info("ready: %s on %s", self.predictor.card.name, self.predictor.device)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.ready = False
+        self.metrics.ready.set(0)
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self._decode_pool.shutdown(wait=True)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+        log.info("stopped: every accepted image answered")
+
+    # -- work ----------------------------------------------------------------------------------
+    def _refusal(self, reason: str, code: str, message: str) -> ServiceError:
+        self.metrics.rejections.labels(reason).inc()
+        return ServiceError(503, code, message, retry_after=self.settings.retry_after_s)
+
+    async def infer(self, uploads: list[bytes]) -> list[ImageResult]:
+        """Decode in parallel off the loop, queue all images at once, await their results."""
+        if self.draining or self.batcher is None or self.predictor is None:
+            raise self._refusal("not_ready", "not_ready", "the service is not ready "
+                                "(warming up or shutting down)")
+        loop = asyncio.get_running_loop()
+        spec, max_pixels = self.predictor.card.input, self.settings.max_image_pixels
+        jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec, max_pixels)
+                for data in uploads]
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        for index, outcome in enumerate(done):
+            if isinstance(outcome, ImageError):
+                self.metrics.rejections.labels(outcome.code).inc()
+                where = f"file {index + 1} of {len(uploads)}: " if len(uploads) > 1 else ""
+                raise ServiceError(outcome.status, outcome.code, where + outcome.message)
+            if isinstance(outcome, BaseException):
+                raise outcome
+        prepared = [o for o in done if not isinstance(o, BaseException)]
+        for _, _, seconds in prepared:
+            self.metrics.decode_seconds.observe(seconds)
+        try:
+            futures = self.batcher.submit_many(
+                [(image_id, tensor) for image_id, tensor, _ in prepared],
+                self.settings.request_timeout_ms / 1000.0)
+        except QueueFull as e:
+            raise self._refusal("queue_full", "overloaded", f"{e}; retry later") from None
+        except Closed as e:
+            raise self._refusal("shutting_down", "shutting_down", str(e)) from None
+        try:
+            predictions = await asyncio.gather(*futures)
+        except DeadlineExceeded as e:
+            for f in futures:  # the rest of this request is no longer wanted
+                f.cancel()
+            self.metrics.rejections.labels("deadline").inc()
+            raise ServiceError(504, "deadline_exceeded", str(e)) from None
+        except Exception as e:  # the batch failed: this request fails, the service goes on
+            for f in futures:
+                f.cancel()
+            log.exception("inference failed")
+            raise ServiceError(500, "inference_failed", f"inference failed: {e}") from None
+        return [ImageResult(p[0], pred) for p, pred in zip(prepared, predictions, strict=True)]
+
+    async def lookup(self, ids: list[str]) -> dict[str, np.ndarray]:
+        if self.store is None or self.predictor is None:
+            raise self._refusal("not_ready", "not_ready", "the service is not ready")
+        return await asyncio.to_thread(self.store.get_many, self.predictor.model_key, ids)

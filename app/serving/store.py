@@ -1,0 +1,132 @@
+"""The embedding store: every vector the service computes, keyed by (model sha256, image id).
+
+A small blocking interface, called from worker threads; SQLite in a file is the embedded default,
+Redis (store_redis.py) is shared between replicas. Vectors travel as float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class EmbeddingStore(Protocol):
+    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        """Store vectors under (model, id); a repeated id replaces and refreshes its entry."""
+
+    def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The vectors found for these ids (unknown ids are simply absent)."""
+
+    def count(self) -> int:
+        """Number of vectors held (all models)."""
+
+    def close(self) -> None: ...
+
+
+def _to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _from_blob(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4")
+
+
+class MemoryStore:
+    """Process-local, bounded LRU; for tests and for deployments that want no persistence."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._data: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        with self._lock:
+            for image_id, vec in items:
+                key = (model, image_id)
+                self._data.pop(key, None)
+                self._data[key] = _to_blob(vec)
+            while len(self._data) > self.max_items:
+                self._data.popitem(last=False)
+
+    def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return {i: _from_blob(b) for i in ids if (b := self._data.get((model, i))) is not None}
+
+    def count(self) -> int:
+        return len(self._data)
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteStore:
+    """A bounded table in one SQLite file (WAL): survives restarts, oldest entries evicted."""
+
+    def __init__(self, path: str | Path, max_items: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_items = max_items
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS embeddings ("
+            " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " model TEXT NOT NULL, id TEXT NOT NULL, vector BLOB NOT NULL,"
+            " UNIQUE (model, id))"
+        )
+
+    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        if not items:
+            return
+        rows = [(model, image_id, _to_blob(vec)) for image_id, vec in items]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh again
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO embeddings (model, id, vector) VALUES (?, ?, ?)", rows)
+                self._db.execute(
+                    "DELETE FROM embeddings WHERE seq <= (SELECT MAX(seq) FROM embeddings) - ?",
+                    (self.max_items,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, vector FROM embeddings WHERE model = ? AND id IN ({marks})",
+                (model, *ids)).fetchall()
+        return {image_id: _from_blob(blob) for image_id, blob in rows}
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_store(url: str, max_items: int) -> EmbeddingStore:
+    """'memory', 'redis://...' / 'rediss://...', or a SQLite file path ('sqlite:///p' too)."""
+    if url == "memory":
+        return MemoryStore(max_items)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from app.serving.store_redis import RedisStore
+
+        return RedisStore(url, max_items)
+    path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
+    return SQLiteStore(path, max_items)

@@ -1,0 +1,50 @@
+"""All service settings in one typed class, read from IMGREC_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGREC_", extra="ignore")
+
+    # model and device
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="model directory to serve")
+    device: str = Field("auto", description="auto (GPU when CUDA is available), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU")
+    torch_threads: int = Field(1, ge=0, description="intra-op threads of the inference thread "
+                               "(0 = torch's default); the HTTP side needs a core too")
+    warmup_batches: int = Field(2, ge=0, description="warm-up forward passes before ready")
+    # micro-batching
+    max_batch_size: int = Field(32, ge=1, description="images per forward pass")
+    max_wait_ms: float = Field(0.0, ge=0, description="hold a batch open this long for more "
+                               "images (0 = greedy: run whatever is queued when idle)")
+    max_queue: int = Field(1024, ge=1, description="images waiting; beyond it 503 + Retry-After")
+    request_timeout_ms: float = Field(10_000, gt=0, description="deadline per request; an image "
+                                      "still queued then is answered 504 and never run")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 503")
+    decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing uploads")
+    # request limits
+    max_files: int = Field(32, ge=1, description="file parts per request")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body size")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="width x height per image, "
+                                  "checked from the header before decoding")
+    # embedding store
+    embed_store: str = Field("data/embeddings.sqlite3", description="SQLite file path, "
+                             "redis://host:port/db, or 'memory'")
+    embed_store_max_items: int = Field(1_000_000, ge=1, description="vectors kept; oldest "
+                                       "evicted first")
+    # HTTP server (imgrec serve)
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    graceful_shutdown_s: float = Field(30.0, gt=0, description="time to answer accepted work "
+                                       "on shutdown")
+    log_level: str = Field("info", description="uvicorn log level")
+    access_log: bool = Field(False, description="uvicorn access log (costs CPU per request)")
