@@ -6,11 +6,10 @@ import re
 from typing import Annotated, Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, JSONBytes
 from app.api.multipart import read_uploads
 from app.serving.service import ImageResult, Service, ServiceError
 
@@ -47,15 +46,6 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-class JSONBytes(Response):
-    """orjson with numpy support: embeddings serialise without a Python list in between."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
 async def _infer(request: Request, service: Service) -> tuple[list[str | None], list[ImageResult]]:
     s = service.settings
     if service.draining or not service.ready:
@@ -90,7 +80,9 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, description="labels per image (1..classes)")] = 5,
     embedding: Annotated[bool, Query(description="add each image's feature vector")] = False,
 ) -> JSONBytes:
-    assert service.predictor is not None
+    if service.predictor is None:
+        raise ApiError(503, "not_ready", "the model is still loading",
+                       {"Retry-After": str(service.settings.retry_after_s)})
     labels = service.predictor.card.labels
     if top_k > len(labels):
         raise ApiError(422, "invalid_parameters",

@@ -171,7 +171,8 @@ class PatentResNet(nn.Module):
         for depth, width, stride in zip(c.depths, c.widths, c.strides, strict=True):
             out_ch = width * c.expansion
             blocks = [Bottleneck(in_ch, width, out_ch, stride, project=True)]
-            blocks += [Bottleneck(out_ch, width, out_ch, 1, project=False) for _ in range(depth - 1)]
+            blocks += [Bottleneck(out_ch, width, out_ch, 1, project=False)
+                       for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
             in_ch = out_ch
         self.stages = nn.Sequential(*stages)

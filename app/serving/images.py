@@ -21,6 +21,11 @@ from app.nn.preprocess import preprocess
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
 TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP"}  # decoded by libjpeg/libpng/libwebp via torchvision
 
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
+# measured here (../shared/PERF_NOTES.md), so keep them and keep the log clean.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
+                        "TorchVision are deprecated", category=DeprecationWarning)
+
 # Our own pixel limit is checked first; PIL's bomb check would raise a different error type.
 Image.MAX_IMAGE_PIXELS = None
 

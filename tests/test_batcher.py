@@ -1,0 +1,179 @@
+"""The micro-batcher on its own: greedy batching, bounds, deadlines, cancellation, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFull
+
+
+class Recorder:
+    """A run_batch that records every batch it sees and can be made slow or failing."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.threads: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.gate.wait(10)
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(items))
+        time.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError("boom")
+        return [i * 10 for i in items]
+
+
+async def test_idle_worker_runs_a_single_request_at_once() -> None:
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=0)
+    b.start()
+    t0 = time.perf_counter()
+    assert await b.submit(3, 5.0) == 30
+    assert time.perf_counter() - t0 < 0.5
+    await b.stop()
+    assert rec.batches == [[3]]
+    assert all(t.startswith("inference") for t in rec.threads)
+
+
+async def test_arrivals_during_a_batch_form_the_next_batch() -> None:
+    rec = Recorder(delay_s=0.05)
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
+    b.start()
+    first = asyncio.ensure_future(b.submit(0, 5.0))
+    await asyncio.sleep(0.01)  # the first batch is now running
+    rest = [asyncio.ensure_future(b.submit(i, 5.0)) for i in range(1, 10)]
+    results = await asyncio.gather(first, *rest)
+    await b.stop()
+    assert results == [i * 10 for i in range(10)]
+    assert rec.batches[0] == [0]
+    assert rec.batches[1:] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]  # capped at max_batch_size
+    assert b.stats.sizes == {1: 2, 4: 2}
+
+
+async def test_max_wait_holds_a_batch_open() -> None:
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch_size=16, max_wait_ms=80)
+    b.start()
+    futs = [asyncio.ensure_future(b.submit(0, 5.0))]
+    await asyncio.sleep(0.02)
+    futs += [asyncio.ensure_future(b.submit(i, 5.0)) for i in (1, 2)]
+    await asyncio.gather(*futs)
+    await b.stop()
+    assert rec.batches == [[0, 1, 2]]
+
+
+async def test_queue_full_is_refused_at_once_and_all_or_nothing() -> None:
+    rec = Recorder()
+    rec.gate.clear()  # hold the inference thread
+    b = MicroBatcher(rec, max_batch_size=2, max_wait_ms=0, max_queue=3)
+    b.start()
+    running = asyncio.ensure_future(b.submit(0, 5.0))
+    await asyncio.sleep(0.02)  # item 0 is in the (blocked) batch, the queue is empty
+    queued = b.submit_many([1, 2], 5.0)
+    with pytest.raises(QueueFull):
+        b.submit_many([3, 4], 5.0)  # 2 + 2 > 3: none of them is queued
+    assert b.depth == 2
+    rec.gate.set()
+    assert await asyncio.gather(running, *queued) == [0, 10, 20]
+    await b.stop()
+
+
+async def test_expired_items_are_answered_and_never_run() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
+    b.start()
+    running = asyncio.ensure_future(b.submit(0, 5.0))
+    await asyncio.sleep(0.02)
+    doomed = asyncio.ensure_future(b.submit(1, 0.05))
+    with pytest.raises(DeadlineExceeded):
+        await doomed  # answered at its deadline, while the network is still busy
+    rec.gate.set()
+    assert await running == 0
+    await b.stop()
+    assert [1] not in rec.batches and all(1 not in batch for batch in rec.batches)
+    assert b.stats.expired == 1
+
+
+async def test_cancelled_callers_are_skipped() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
+    b.start()
+    running = asyncio.ensure_future(b.submit(0, 5.0))
+    await asyncio.sleep(0.02)
+    gone = asyncio.ensure_future(b.submit(1, 5.0))
+    kept = asyncio.ensure_future(b.submit(2, 5.0))
+    await asyncio.sleep(0)
+    gone.cancel()
+    rec.gate.set()
+    assert await kept == 20 and await running == 0
+    await b.stop()
+    assert rec.batches == [[0], [2]]
+    assert b.stats.cancelled == 1
+
+
+async def test_a_failing_batch_fails_each_of_its_callers_and_only_them() -> None:
+    rec = Recorder(delay_s=0.03, fail_on=2)
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
+    b.start()
+    first = asyncio.ensure_future(b.submit(0, 5.0))
+    await asyncio.sleep(0.01)
+    bad_batch = [asyncio.ensure_future(b.submit(i, 5.0)) for i in (1, 2)]
+    outcomes = await asyncio.gather(*bad_batch, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert await first == 0
+    assert await b.submit(5, 5.0) == 50  # the worker is still alive
+    await b.stop()
+    assert b.stats.failed_batches == 1
+
+
+async def test_output_count_is_checked() -> None:
+    b: MicroBatcher[int, int] = MicroBatcher(lambda items: [1], max_batch_size=4)
+    b.start()
+    futs = b.submit_many([1, 2], 5.0)
+    for f in futs:
+        with pytest.raises(RuntimeError, match="1 outputs for 2 inputs"):
+            await f
+    await b.stop()
+
+
+async def test_stop_answers_everything_accepted_then_refuses() -> None:
+    rec = Recorder(delay_s=0.01)
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, max_queue=100)
+    b.start()
+    futs = b.submit_many(list(range(40)), 10.0)
+    await asyncio.sleep(0)
+    await b.stop()  # drains the 40 accepted items first
+    assert all(f.done() and not f.cancelled() for f in futs)
+    assert [f.result() for f in futs] == [i * 10 for i in range(40)]
+    with pytest.raises(Closed):
+        b.submit_many([1], 1.0)
+
+
+async def test_every_future_resolves_exactly_once_under_churn() -> None:
+    rec = Recorder(delay_s=0.002)
+    b = MicroBatcher(rec, max_batch_size=8, max_wait_ms=1, max_queue=10_000)
+    b.start()
+    futs = []
+    for i in range(300):
+        futs += b.submit_many([i], 0.02 if i % 7 == 0 else 5.0)
+        if i % 11 == 0:
+            futs[-1].cancel()
+        if i % 25 == 0:
+            await asyncio.sleep(0.005)
+    await b.stop()
+    assert all(f.done() for f in futs)
+    ran = [i for batch in rec.batches for i in batch]
+    assert len(ran) == len(set(ran))  # nothing ran twice
+    ok = [f for f in futs if not f.cancelled() and f.exception() is None]
+    assert b.stats.items == len(ran) and len(ok) <= len(ran)
