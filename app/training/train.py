@@ -243,6 +243,8 @@ def train(cfg: TrainConfig) -> Path:
                                 acc=f"{100 * correct / seen:.1f}", img_s=f"{rate:.0f}")
         bar.close()
         train_time = time.time() - t0
+        if rt.world > 1:
+            sync_bn_statistics(model, rt.world)
         val = evaluate(model, val_split, spec, len(data.labels), rt.device, amp=amp)
         improved = stop.update(epoch, val.loss)
         if improved:
@@ -318,6 +320,18 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return result_dir
+
+
+def sync_bn_statistics(model: nn.Module, world: int) -> None:
+    """Average BN running statistics over ranks. DDP keeps parameters identical, but each rank
+    updates its running stats from its own shard in every forward; without this the ranks would
+    evaluate (and so decide convergence) on different networks."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    buf.div_(world)
 
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
