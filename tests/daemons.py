@@ -1,0 +1,164 @@
+"""Helpers for tests that run real processes: redis-server, nginx, `imgrec serve` replicas.
+
+Everything listens on loopback only, on ports the kernel picked as free, with every wait bounded
+in time; every process started here is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def require_binary(name: str, extra_dirs: Sequence[str] = SBIN_DIRS) -> str:
+    """The binary's path; skip when it is missing on a workstation, fail when it is missing in CI
+    (a CI machine without it would otherwise pass by testing nothing)."""
+    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(extra_dirs))
+    if path:
+        return path
+    message = f"{name} is not installed"
+    if in_ci():
+        pytest.fail(f"{message}, and CI is set: install it in .ci/run")
+    pytest.skip(message)
+
+
+def venv_binary(name: str) -> str:
+    """A console script of this interpreter's environment (.venv/bin/imgrec, hadolint...)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else require_binary(name)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (bind to port 0 and let the kernel choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """A child process with its output in a log file; stop() is safe to call repeatedly."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        # own session: a signal for this process never reaches pytest, and none of pytest's
+        # reaches it
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=dict(env or os.environ),
+                                     cwd=cwd, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case, no chance to drain."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+    def tail(self, n_chars: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_bytes()[-n_chars:].decode(errors="replace")
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, daemon: Daemon | None = None,
+               interval_s: float = 0.2) -> None:
+    """Poll check() until true; a bounded loop, never forever."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if daemon is not None and not daemon.alive():
+            raise AssertionError(f"{daemon.name} exited ({daemon.proc.returncode}) while "
+                                 f"waiting for {what}:\n{daemon.tail()}")
+        if check():
+            return
+        time.sleep(interval_s)
+    tail = f":\n{daemon.tail()}" if daemon is not None else ""
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}{tail}")
+
+
+def http_status(url: str, timeout_s: float = 2.0) -> int:
+    """Status code of a GET, or 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (OSError, ValueError):
+        return 0
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_redis(tmp: Path, timeout_s: float = 20.0) -> tuple[Daemon, str]:
+    """redis-server on a free loopback port with its files in tmp; returns (daemon, url)."""
+    binary = require_binary("redis-server")
+    port = free_port()
+    data = tmp / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    d = Daemon("redis", [binary, "--bind", LOOPBACK, "--port", str(port), "--dir", str(data),
+                         "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+                         "--maxmemory-policy", "noeviction", "--daemonize", "no"], tmp)
+    wait_until(lambda: port_open(port), timeout_s, "redis-server to listen", d)
+    return d, f"redis://{LOOPBACK}:{port}/0"
+
+
+def start_replica(name: str, tmp: Path, model_dir: Path, extra_env: Mapping[str, str],
+                  port: int = 0, timeout_s: float = 60.0) -> tuple[Daemon, int]:
+    """`imgrec serve` on a loopback port (free, unless given); returns once /readyz is 200."""
+    port = port or free_port()
+    env = dict(os.environ)
+    env.update({"IMGREC_MODEL_DIR": str(model_dir), "IMGREC_DEVICE": "cpu",
+                "IMGREC_HOST": LOOPBACK, "IMGREC_PORT": str(port),
+                # one intra-op thread: the test machine has few cores and other work on them
+                "IMGREC_TORCH_THREADS": "1", "IMGREC_DECODE_THREADS": "1",
+                "IMGREC_GRACEFUL_SHUTDOWN_S": "5"})
+    env.update(extra_env)
+    d = Daemon(name, [venv_binary("imgrec"), "serve"], tmp, env=env, cwd=tmp)
+    try:
+        wait_until(lambda: http_status(f"http://{LOOPBACK}:{port}/readyz") == 200,
+                   timeout_s, f"{name} /readyz", d)
+    except BaseException:
+        d.stop()
+        raise
+    return d, port
