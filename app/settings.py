@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     # embedding store
     embed_store: str = Field("data/embeddings.sqlite3", description="SQLite file path, "
                              "redis://host:port/db, or 'memory'")
-    embed_store_max_items: int = Field(1_000_000, ge=1, description="vectors kept; oldest "
+    embed_store_max_items: int = Field(200_000, ge=1, description="vectors kept; oldest "
                                        "evicted first")
     # HTTP server (imgrec serve)
     host: str = Field("127.0.0.1", description="bind address")

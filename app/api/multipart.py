@@ -80,7 +80,7 @@ def _parser(boundary: bytes, st: _State) -> MultipartParser:
     def on_end() -> None:
         st.ended = True
 
-    return MultipartParser(boundary, {  # type: ignore[arg-type]
+    return MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
         "on_header_value": on_header_value, "on_header_end": on_header_end,
         "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,

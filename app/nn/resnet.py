@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,9 @@ class ResNetConfig:
         unknown = set(args) - known
         if unknown:
             raise ValueError(f"unknown architecture arguments: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in args.items()}
+        return cls(**values)
 
 
 PRESETS: dict[str, ResNetConfig] = {
@@ -197,7 +199,7 @@ class PatentResNet(nn.Module):
             # applied to the last conv because a pre-activation branch ends in a conv, not a BN.
             for m in self.modules():
                 if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.branch.conv3.weight)
+                    nn.init.zeros_(cast(nn.Conv2d, m.branch.conv3).weight)
 
     def features(self, x: Tensor) -> Tensor:
         """The embedding: pooled output of the final BN-ReLU, shape (N, embedding_dim)."""

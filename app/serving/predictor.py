@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,11 +49,11 @@ class Predictor:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        loaded: LoadedModel = load_model_dir(model_dir)
+        loaded: LoadedModel = load_model_dir(Path(model_dir))
         self.card = loaded.card
         self.model_key = loaded.card.weights_sha256
-        self.model = loaded.model.to(self.device, dtype=self.dtype,
-                                     memory_format=torch.channels_last).eval()
+        model = loaded.model.to(self.device, self.dtype)
+        self.model = model.to(memory_format=torch.channels_last).eval()
         self.store = store
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         log.info("loaded %s (%s, %d parameters) on %s as %s", self.card.name, self.card.preset,

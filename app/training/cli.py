@@ -46,7 +46,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.limit:
         test = test.subset(torch.arange(min(args.limit, len(test))))
     device = torch.device(args.device)
-    model = loaded.model.to(device, memory_format=torch.channels_last)
+    model = loaded.model.to(device).to(memory_format=torch.channels_last)
     result = evaluate(model, test, card.input, card.num_classes, device, args.batch_size)
     for name, acc in result.per_class(card.labels).items():
         print(f"{name:>12}: {acc:6.2f}%")

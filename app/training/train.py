@@ -158,8 +158,10 @@ def train(cfg: TrainConfig) -> Path:
     spec = InputSpec(size=size, channels=data.channels, mean=data.mean, std=data.std)
     train_ds = ImageDataset(train_split, data.channels,
                             build_train_transform(cfg, size, data.channels))
-    sampler = DistributedSampler(train_ds, num_replicas=rt.world, rank=rt.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True) if rt.world > 1 else None
+    sampler: DistributedSampler[Any] | None = None
+    if rt.world > 1:
+        sampler = DistributedSampler(train_ds, num_replicas=rt.world, rank=rt.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
     loader = DataLoader(
         train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
         num_workers=cfg.workers, drop_last=True, persistent_workers=cfg.workers > 0,
@@ -168,7 +170,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # -- network, loss, optimiser ------------------------------------------------------------
     model: PatentResNet = create_model(cfg.preset, len(data.labels), **cfg.arch)
-    model = model.to(rt.device, memory_format=torch.channels_last)
+    model = model.to(rt.device).to(memory_format=torch.channels_last)
     net: nn.Module = DistributedDataParallel(model) if rt.world > 1 else model
     criterion = PatentLoss(cfg.weight_decay, cfg.bn_reg, cfg.label_smoothing)
     lr = cfg.lr * cfg.batch_size * rt.world / 128
