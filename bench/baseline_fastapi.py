@@ -15,6 +15,7 @@ from fastapi import FastAPI, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from app.nn import load_model_dir
+from app.nn.preprocess import normalize_batch
 from app.serving.images import prepare
 
 
@@ -26,7 +27,8 @@ def build(model_dir: str) -> FastAPI:
     app = FastAPI()
 
     def infer(datas: list[bytes]) -> list[list[dict[str, object]]]:
-        x = torch.stack([prepare(d, card.input, 25_000_000) for d in datas])
+        x = normalize_batch(torch.stack([prepare(d, card.input, 25_000_000) for d in datas]),
+                            card.input)
         with torch.inference_mode():
             probs = torch.softmax(model(x.contiguous(memory_format=torch.channels_last)), 1)
         top = probs.topk(5, dim=1)

@@ -149,3 +149,29 @@ def test_overrides_and_refusals() -> None:
         create_model("fashion", 10, colour="red")
     with pytest.raises(ValueError, match="stride"):
         create_model("fashion", 10, strides=[3, 2, 2])
+
+
+@pytest.mark.parametrize("preset", ["fashion", "resnet50"])
+def test_folding_bns_for_inference_keeps_the_function(preset: str) -> None:
+    from app.nn.fuse import fold_batchnorms
+
+    torch.manual_seed(1)
+    model = create_model(preset, 10, zero_init_last=False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    folded = fold_batchnorms(model)
+    cfg = model.config
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    with torch.no_grad():
+        assert torch.allclose(folded.features(x), model.features(x), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    n_folded = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert n_folded == n_bn - 2 * sum(cfg.depths)  # bn2 and bn3 of every block are gone
+    with pytest.raises(ValueError):
+        fold_batchnorms(model.train())

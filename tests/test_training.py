@@ -111,13 +111,14 @@ def test_bn_term_equals_a_hand_computation() -> None:
     logits = torch.randn(4, 10)
     target = torch.tensor([0, 1, 2, 3])
     terms = loss(model, logits, target)
-    assert math.isclose(float(terms.bn), 1e-4 * squares / count, rel_tol=1e-5)
+    assert math.isclose(terms.bn.item(), 1e-4 * squares / count, rel_tol=1e-5)
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     wd = 0.5 * sum(float((w.detach() ** 2).sum()) for w in convs)
-    assert math.isclose(float(terms.weight_decay), 1e-3 * wd, rel_tol=1e-5)
+    assert math.isclose(terms.weight_decay.item(), 1e-3 * wd, rel_tol=1e-5)
     assert math.isclose(float(weight_decay_term(model)), wd, rel_tol=1e-5)
     ce = float(torch.nn.functional.cross_entropy(logits, target))
-    assert math.isclose(float(terms.total), ce + 1e-3 * wd + 1e-4 * squares / count, rel_tol=1e-5)
+    expected = ce + 1e-3 * wd + 1e-4 * squares / count
+    assert math.isclose(terms.total.item(), expected, rel_tol=1e-5)
 
 
 def test_bn_coefficient_must_be_ten_times_below_weight_decay() -> None:

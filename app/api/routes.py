@@ -38,7 +38,8 @@ ERRORS_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, per request
     service: Service = request.app.state.service
     return service
 

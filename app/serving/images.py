@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
 from app.nn.card import InputSpec
-from app.nn.preprocess import preprocess
+from app.nn.preprocess import to_input_size
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
 TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP"}  # decoded by libjpeg/libpng/libwebp via torchvision
@@ -87,7 +87,8 @@ def decode(data: bytes, fmt: str, channels: int) -> Tensor:
 
 
 def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> Tensor:
-    """Header check, decode, convert as the card says: float32 (channels, size, size)."""
+    """Header check, decode, convert as the card says: uint8 (channels, size, size); the
+    normalisation is done per batch (app.nn.preprocess.normalize_batch)."""
     fmt, _, _ = inspect_header(data, max_pixels)
     image = decode(data, fmt, spec.channels)
-    return preprocess(image, spec)
+    return to_input_size(image, spec)
