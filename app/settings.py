@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
@@ -48,3 +48,10 @@ class Settings(BaseSettings):
                                        "on shutdown")
     log_level: str = Field("info", description="uvicorn log level")
     access_log: bool = Field(False, description="uvicorn access log (costs CPU per request)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_files > self.max_queue:
+            raise ValueError(f"max_files ({self.max_files}) must not exceed max_queue "
+                             f"({self.max_queue}): such a request could never be queued")
+        return self

@@ -264,7 +264,8 @@ async def test_concurrent_requests_are_batched_and_equal_single_answers(
 async def test_queue_full_gets_503_with_retry_after(tiny_model_dir: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch)
-    app = create_app(settings_for(tiny_model_dir, tmp_path, max_queue=2, max_batch_size=1,
+    app = create_app(settings_for(tiny_model_dir, tmp_path, max_queue=2, max_files=2,
+                                  max_batch_size=1,
                                   embed_store="memory", retry_after_s=3))
     async with running(app) as c:
         gate.open.clear()
@@ -344,3 +345,8 @@ def test_not_ready_before_the_lifespan_starts(tiny_model_dir: Path, tmp_path: Pa
     assert error(r) == (503, "not_ready") and "retry-after" in r.headers
     assert error(c.post("/predict", files=files(png_bytes(1)))) == (503, "not_ready")
     assert c.get("/healthz").status_code == 200
+
+
+def test_settings_refuse_a_request_size_that_could_never_queue() -> None:
+    with pytest.raises(ValueError, match="must not exceed max_queue"):
+        Settings(max_files=10, max_queue=5)
