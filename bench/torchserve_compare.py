@@ -53,10 +53,24 @@ from bench.serve import (  # noqa: E402
 TS_VENV = ROOT / ".venv-torchserve"
 TS_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "torchserve", "torch-model-archiver",
                # what the handler imports from imgrec's app.nn / app.serving.images
-               "numpy", "pillow", "safetensors", "pydantic"]
+               "numpy", "pillow", "safetensors", "pydantic",
+               "pyyaml"]  # torchserve 0.12's worker imports yaml but does not declare it
 MODEL_NAME = "imgrec"
 BODY_COUNT = 2000
 CONCURRENCIES = (1, 16, 64)
+
+LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <File name="file" fileName="{log}" append="true">
+      <PatternLayout pattern="%d{{ISO8601}} [%-5p] %t %c - %m%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Root level="warn"><AppenderRef ref="file"/></Root>
+  </Loggers>
+</Configuration>
+"""
 
 
 def setup_venv() -> None:
@@ -128,8 +142,11 @@ def check_answer(port: int, path: str, bodies: Path) -> str:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}", data=(bodies / "1.body").read_bytes(), method="POST",
         headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{path} answered {e.code}: {e.read()[:500]!r}") from None
     answer = json.loads(text)
     labels = (answer["results"][0] if "results" in answer else answer)["labels"]
     if len(labels) != 5:
@@ -141,8 +158,10 @@ def build_mar(model_dir: Path, store: Path, work: Path) -> None:
     from app.settings import Settings
 
     config = work / "imgrec_handler.json"
-    config.write_text(json.dumps({"root": str(ROOT),
-                                  "max_pixels": Settings().max_image_pixels}))
+    settings = Settings()
+    config.write_text(json.dumps({"root": str(ROOT), "max_pixels": settings.max_image_pixels,
+                                  "warmup_batches": settings.warmup_batches,
+                                  "max_batch_size": settings.max_batch_size}))
     extra = [model_dir / "card.json", model_dir / "weights.safetensors", config]
     subprocess.run([str(TS_VENV / "bin" / "torch-model-archiver"), "--model-name", MODEL_NAME,
                     "--version", "1.0", "--handler", str(ROOT / "bench" / "torchserve_handler.py"),
@@ -183,12 +202,17 @@ class TorchServe:
             "enable_metrics_api=false",
             "disable_token_authorization=true",
             "install_py_dep_per_model=false",
+            "disable_system_metrics=true",
             f"load_models={MODEL_NAME}.mar",
             "models=" + json.dumps({MODEL_NAME: {"1.0": {
                 "defaultVersion": True, "marName": f"{MODEL_NAME}.mar", "minWorkers": 1,
                 "maxWorkers": 1, "batchSize": 32, "maxBatchDelay": 5, "responseTimeout": 120}}}),
             "",
         ]))
+        # TorchServe logs every request (access log, metrics) at INFO by default; imgrec's access
+        # log is off by default, so TorchServe logs warnings and errors only, to a file.
+        self.log4j = work / "log4j2.xml"
+        self.log4j.write_text(LOG4J2.format(log=work / "logs" / "torchserve.log"))
         # TMPDIR: torchserve keeps its pid file there, so --stop finds this instance only
         self.env = {**os.environ, **MALLOC, "TMPDIR": str(work),
                     "PATH": f"{TS_VENV / 'bin'}:{os.environ.get('PATH', '')}"}
@@ -202,17 +226,18 @@ class TorchServe:
         self.proc = subprocess.Popen(
             [str(TS_VENV / "bin" / "torchserve"), "--start", "--foreground", "--ncs",
              "--disable-token-auth", "--model-store", str(self.store), "--ts-config",
-             str(self.config)],
+             str(self.config), "--log-config", str(self.log4j)],
             env=self.env, cwd=self.work, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._worker_ready, self.proc, "torchserve", 60)
-        except RuntimeError:
-            for log in (self.work / "torchserve.out", self.work / "logs" / "model_log.log"):
-                if log.is_file():
-                    tail = log.read_text(errors="replace").splitlines()[-40:]
-                    print(f"--- {log.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
-            raise
+        wait_for(self._worker_ready, self.proc, "torchserve", 180)
         self.pids.update(process_tree(self.proc.pid))
+        names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in sorted(self.pids)]
+        print(f"torchserve process tree (CPU summed over all): {', '.join(names)}")
+
+    def print_logs(self) -> None:
+        for log in (self.work / "torchserve.out", self.work / "logs" / "torchserve.log"):
+            if log.is_file():
+                tail = log.read_text(errors="replace").splitlines()[-30:]
+                print(f"--- {log.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
 
     def _worker_ready(self) -> bool:
         url = f"http://127.0.0.1:{self.mgmt_port}/models/{MODEL_NAME}"
@@ -328,6 +353,9 @@ def main() -> int:
                 path = f"/predictions/{MODEL_NAME}"
                 print(f"torchserve answer: {check_answer(ts.port, path, bodies)[:120]}...")
                 runs += measure(ts_label, ts.port, path, ts.proc.pid, bodies, args.seconds)
+            except (RuntimeError, OSError, subprocess.SubprocessError):
+                ts.print_logs()
+                raise
             finally:
                 ts.stop()
             port = free_port()

@@ -1,9 +1,10 @@
 """TorchServe handler for an imgrec model directory (used by bench/torchserve_compare.py).
 
-Loads the network with imgrec's own loader (card.json + safetensors, no pickle) and prepares
-uploads with imgrec's own code, so only the serving stack differs from `imgrec serve`:
-header check + decode + preprocess (`app.serving.images.prepare`), one forward pass per
-TorchServe batch in inference mode on one torch thread, channels_last, softmax, top-5 labels.
+Runs imgrec's own code on imgrec's model directory, so only the serving stack differs from
+`imgrec serve`: header check + decode + resize (`app.serving.images.prepare`), then one
+`app.serving.predictor.Predictor.forward` per TorchServe batch (the model from
+`app.nn.load_model_dir`, no pickle; BNs folded; per-batch normalisation; channels_last;
+inference mode; one torch thread), and top-5 labels per request as imgrec's /predict ranks them.
 
 The .mar carries card.json, weights.safetensors and imgrec_handler.json (the imgrec checkout to
 import `app` from, and the pixel limit); TorchServe extracts them into the model directory.
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 TOP_K = 5
@@ -33,27 +35,21 @@ class ImgrecHandler:
         config = json.loads((model_dir / "imgrec_handler.json").read_text())
         if config["root"] not in sys.path:
             sys.path.insert(0, config["root"])
-        from app.nn import load_model_dir
         from app.serving.images import prepare
+        from app.serving.predictor import Predictor
 
-        torch.set_num_threads(1)
         self.prepare = prepare
         self.max_pixels = int(config["max_pixels"])
-        loaded = load_model_dir(model_dir)
-        self.card = loaded.card
-        self.labels = list(loaded.card.labels)
-        self.model = loaded.model.to(memory_format=torch.channels_last).eval()
-        spec = self.card.input
-        x = torch.zeros(spec.channels, spec.size, spec.size)
-        for n in (1, 32):  # the same warm-up as imgrec's (2 passes at 1 and at max batch)
-            for _ in range(2):
-                self.forward([x] * n)
+        # imgrec's own Predictor: app.nn.load_model_dir (card + safetensors, no pickle), BNs
+        # folded, channels_last, per-batch normalisation, inference mode, one torch thread;
+        # no embedding store (imgrec's server also writes every embedding to SQLite)
+        self.predictor = Predictor(model_dir, device="cpu", dtype="float32", threads=1,
+                                   store=None)
+        self.card = self.predictor.card
+        self.labels = list(self.card.labels)
+        self.predictor.warm_up(int(config.get("warmup_batches", 2)),
+                               int(config.get("max_batch_size", 32)))
         self.initialized = True
-
-    @torch.inference_mode()
-    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
-        x = torch.stack(images).contiguous(memory_format=torch.channels_last)
-        return torch.softmax(self.model(x).float(), dim=1)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         answers: list[Any] = [None] * len(data)
@@ -73,11 +69,11 @@ class ImgrecHandler:
             except ValueError as e:  # app.serving.images.ImageError is a ValueError
                 answers[i] = {"error": str(e)}
         if images:
-            probs = self.forward(images)
-            scores, order = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
-            for slot, s_row, o_row in zip(slots, scores.tolist(), order.tolist(), strict=True):
-                answers[slot] = {"labels": [{"label": self.labels[j], "index": j, "score": s}
-                                            for s, j in zip(s_row, o_row, strict=True)]}
+            for slot, result in zip(slots, self.predictor.forward(images), strict=True):
+                probs = result.probs
+                order = np.argsort(-probs, kind="stable")[:TOP_K]
+                answers[slot] = {"labels": [{"label": self.labels[j], "index": int(j),
+                                             "score": float(probs[j])} for j in order]}
         return answers
 
 
