@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (GPU when CUDA is available), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU")
-    torch_threads: int = Field(1, ge=0, description="intra-op threads of the inference thread "
+    engine: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="auto = ONNX Runtime on CPU (exported at start-up), PyTorch on CUDA")
+    torch_threads: int = Field(1, ge=0, description="intra-op threads of the inference engine "
                                "(0 = torch's default); the HTTP side needs a core too")
     warmup_batches: int = Field(2, ge=0, description="warm-up forward passes before ready")
     # micro-batching

@@ -43,7 +43,9 @@ class ImgrecHandler:
         # imgrec's own Predictor: app.nn.load_model_dir (card + safetensors, no pickle), BNs
         # folded, channels_last, per-batch normalisation, inference mode, one torch thread;
         # no embedding store (imgrec's server also writes every embedding to SQLite)
+        # eager PyTorch, as TorchServe handlers run it (imgrec defaults to ONNX Runtime on CPU)
         self.predictor = Predictor(model_dir, device="cpu", dtype="float32", threads=1,
+                                   engine="torch",
                                    store=None)
         self.card = self.predictor.card
         self.labels = list(self.card.labels)

@@ -350,3 +350,18 @@ def test_not_ready_before_the_lifespan_starts(tiny_model_dir: Path, tmp_path: Pa
 def test_settings_refuse_a_request_size_that_could_never_queue() -> None:
     with pytest.raises(ValueError, match="must not exceed max_queue"):
         Settings(max_files=10, max_queue=5)
+
+
+def test_engines_agree(tiny_model_dir: Path, tmp_path: Path) -> None:
+    blobs = [png_bytes(300 + i) for i in range(3)]
+    answers = {}
+    for engine in ("torch", "onnxruntime"):
+        s = settings_for(tiny_model_dir, tmp_path, engine=engine, embed_store="memory")
+        with TestClient(create_app(s)) as c:
+            assert c.get("/model").json()["engine"] == engine
+            answers[engine] = c.post("/predict", params={"top_k": 10, "embedding": "true"},
+                                     files=files(*blobs)).json()["results"]
+    for a, b in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        assert np.allclose([x["score"] for x in a["labels"]], [x["score"] for x in b["labels"]],
+                           atol=1e-5)
+        assert np.allclose(a["embedding"], b["embedding"], atol=1e-4, rtol=1e-4)

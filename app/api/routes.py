@@ -158,6 +158,7 @@ async def model_info(service: ServiceDep) -> JSONBytes:
         "weights_sha256": card.weights_sha256, "metrics": {
             k: v for k, v in card.metrics.items() if k != "confusion_matrix"},
         "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+        "engine": p.engine.name,
         "instance": p.instance,
         "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms,
                      "max_queue": s.max_queue, "request_timeout_ms": s.request_timeout_ms},

@@ -15,6 +15,7 @@ import torch
 from app.nn.checkpoint import LoadedModel, load_model_dir
 from app.nn.fuse import fold_batchnorms
 from app.nn.preprocess import normalize_batch
+from app.serving.engines import build_engine
 from app.serving.store import EmbeddingStore
 
 log = logging.getLogger("imgrec.predictor")
@@ -46,7 +47,7 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike[str], device: str = "auto",
                  dtype: str = "auto", threads: int = 1,
-                 store: EmbeddingStore | None = None) -> None:
+                 store: EmbeddingStore | None = None, engine: str = "auto") -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -55,12 +56,13 @@ class Predictor:
         self.card = loaded.card
         self.model_key = loaded.card.weights_sha256
         # BNs that directly follow a conv are folded into it: same function, fewer passes
-        model = fold_batchnorms(loaded.model.eval()).to(self.device, self.dtype)
-        self.model = model.to(memory_format=torch.channels_last).eval()
+        model = fold_batchnorms(loaded.model.eval())
+        self.engine = build_engine(engine, model, self.device, self.dtype, threads)
         self.store = store
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
-        log.info("loaded %s (%s, %d parameters) on %s as %s", self.card.name, self.card.preset,
-                 self.card.parameters, self.device, self.dtype)
+        log.info("loaded %s (%s, %d parameters) on %s as %s with %s", self.card.name,
+                 self.card.preset, self.card.parameters, self.device, self.dtype,
+                 self.engine.name)
 
     def warm_up(self, batches: int, batch_size: int) -> None:
         spec = self.card.input
@@ -71,13 +73,9 @@ class Predictor:
 
     @torch.inference_mode()
     def forward(self, images: Sequence[torch.Tensor]) -> list[Prediction]:
+        # uint8 travels to the device; normalisation runs there, once per batch
         batch = torch.stack(list(images)).to(self.device, non_blocking=True)
-        x = normalize_batch(batch, self.card.input, self.dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
-        features = self.model.features(x)
-        probs = torch.softmax(self.model.head(features).float(), dim=1)
-        f = features.float().cpu().numpy()
-        p = probs.cpu().numpy()
+        p, f = self.engine(normalize_batch(batch, self.card.input))
         return [Prediction(p[i], f[i]) for i in range(len(images))]
 
     def run_batch(self, items: list[tuple[str, torch.Tensor]]) -> list[Prediction]:

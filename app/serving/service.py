@@ -66,7 +66,7 @@ class Service:
         s = self.settings
         self.store = await asyncio.to_thread(open_store, s.embed_store, s.embed_store_max_items)
         self.predictor = await asyncio.to_thread(
-            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, self.store)
+            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, self.store, s.engine)
         self.batcher = MicroBatcher(
             self.predictor.run_batch, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
