@@ -18,6 +18,7 @@ bodies, so it costs a fraction of a core; its CPU is reported too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -70,6 +71,33 @@ def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    out = {}
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            out[pid] = proc_cpu_s(pid)
+    return out
 
 
 def multipart_body(data: bytes, filename: str) -> bytes:
@@ -146,16 +174,19 @@ def _ms(value: str) -> float:
 
 
 def wrk(port: int, concurrency: int, seconds: float, bodies: Path, count: int,
-        pid: int, label: str) -> Run:
+        pid: int, label: str, path: str = "/predict") -> Run:
+    """One wrk run; server CPU is summed over pid's process tree (TorchServe has several)."""
     env = {**os.environ, "BENCH_BODIES": str(bodies), "BENCH_COUNT": str(count),
-           "BENCH_PATH": "/predict", "BENCH_BOUNDARY": BOUNDARY}
+           "BENCH_PATH": path, "BENCH_BOUNDARY": BOUNDARY}
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
-           "--timeout", "30s", "-s", str(ROOT / "bench" / "wrk_multipart.lua"), f"http://127.0.0.1:{port}/predict"]
-    before_server = proc_cpu_s(pid)
+           "--timeout", "30s", "-s", str(ROOT / "bench" / "wrk_multipart.lua"), f"http://127.0.0.1:{port}{path}"]
+    before = tree_cpu(pid)
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
+                         timeout=seconds + 60).stdout
     after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu = proc_cpu_s(pid) - before_server
+    after = tree_cpu(pid)
+    server_cpu = sum(cpu - before.get(p, 0.0) for p, cpu in after.items())
     loadgen_cpu = (after_children.ru_utime + after_children.ru_stime
                    - before_children.ru_utime - before_children.ru_stime)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -256,6 +287,7 @@ def main() -> int:
                   + ", ".join(f"{b}: {r:.0f}" for b, r in dict(ceil["rates"]).items()))  # type: ignore[call-overload]
             runs: list[Run] = []
             servers = [("imgrec (batching, max 32)", "imgrec", {}),
+                       ("imgrec, engine=torch (batching)", "imgrec", {"IMGREC_ENGINE": "torch"}),
                        ("imgrec (max_batch_size=1)", "imgrec", {"IMGREC_MAX_BATCH_SIZE": "1"}),
                        ("plain FastAPI, no batching", "baseline", {})]
             for label, kind, env in servers:

@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
-import resource
 import shutil
 import signal
 import statistics
@@ -41,13 +39,13 @@ from bench.serve import (  # noqa: E402
     BOUNDARY,
     MALLOC,
     Run,
-    _ms,
     free_port,
     make_bodies,
-    proc_cpu_s,
+    process_tree,
     random_model,
     start_server,
     table,
+    wrk,
 )
 
 TS_VENV = ROOT / ".venv-torchserve"
@@ -78,63 +76,6 @@ def setup_venv() -> None:
         subprocess.run(["python3.11", "-m", "venv", str(TS_VENV)], check=True, timeout=300)
     subprocess.run([str(TS_VENV / "bin" / "pip"), "install", *TS_PACKAGES], check=True,
                    timeout=1800)
-
-
-def process_tree(root: int) -> list[int]:
-    """root and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def tree_cpu(root: int) -> dict[int, float]:
-    out = {}
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            out[pid] = proc_cpu_s(pid)
-    return out
-
-
-def wrk_tree(port: int, path: str, concurrency: int, seconds: float, bodies: Path,
-             root_pid: int, label: str) -> Run:
-    """bench/serve.py's wrk(): the same command, Lua script and parsing, for any URL path, with
-    server CPU summed over root_pid's process tree."""
-    env = {**os.environ, "BENCH_BODIES": str(bodies), "BENCH_COUNT": str(BODY_COUNT),
-           "BENCH_PATH": path, "BENCH_BOUNDARY": BOUNDARY}
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
-           "--timeout", "30s", "-s", str(ROOT / "bench" / "wrk_multipart.lua"),
-           f"http://127.0.0.1:{port}{path}"]
-    before = tree_cpu(root_pid)
-    before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
-                         timeout=seconds + 60).stdout
-    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    after = tree_cpu(root_pid)
-    server_cpu = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
-    loadgen_cpu = (after_children.ru_utime + after_children.ru_stime
-                   - before_children.ru_utime - before_children.ru_stime)
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = (int(errs.group(1)) if errs else 0) + (sum(map(int, sock.groups())) if sock else 0)
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    n = max(total, 1)
-    return Run(label, concurrency, rps, p50, p99, 1000 * server_cpu / n, 1000 * loadgen_cpu / n,
-               errors, total)
 
 
 def check_answer(port: int, path: str, bodies: Path) -> str:
@@ -294,10 +235,10 @@ def stop_imgrec(proc: subprocess.Popen[bytes]) -> None:
 
 def measure(label: str, port: int, path: str, root_pid: int, bodies: Path,
             seconds: float) -> list[Run]:
-    wrk_tree(port, path, 4, 2, bodies, root_pid, "warm-up")
+    wrk(port, 4, 2, bodies, BODY_COUNT, root_pid, "warm-up", path)
     runs = []
     for conc in CONCURRENCIES:
-        run = wrk_tree(port, path, conc, seconds, bodies, root_pid, label)
+        run = wrk(port, conc, seconds, bodies, BODY_COUNT, root_pid, label, path)
         runs.append(run)
         print(table([run]).splitlines()[-1], flush=True)
     return runs
