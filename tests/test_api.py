@@ -365,3 +365,23 @@ def test_engines_agree(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert np.allclose([x["score"] for x in a["labels"]], [x["score"] for x in b["labels"]],
                            atol=1e-5)
         assert np.allclose(a["embedding"], b["embedding"], atol=1e-4, rtol=1e-4)
+
+
+def test_corrupted_uploads_never_cause_a_5xx(client: TestClient) -> None:
+    rng = np.random.default_rng(7)
+    base = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    originals = [encode(base, fmt) for fmt in ("PNG", "JPEG", "WEBP", "BMP", "GIF")]
+    statuses = []
+    for data in originals:
+        for _ in range(12):
+            blob = bytearray(data)
+            if rng.random() < 0.5:  # truncate
+                blob = blob[: int(rng.integers(1, len(blob)))]
+            for _ in range(int(rng.integers(1, 8))):  # flip bytes, headers included
+                blob[int(rng.integers(0, len(blob)))] = int(rng.integers(0, 256))
+            r = client.post("/predict", files=files(bytes(blob)))
+            statuses.append(r.status_code)
+            assert r.status_code in (200, 413, 415), (r.status_code, r.text)
+    assert 415 in statuses  # the corruption was real
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/predict", files=files(originals[0])).status_code == 200

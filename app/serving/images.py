@@ -9,22 +9,13 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from app.nn.card import InputSpec
-from app.nn.preprocess import to_input_size
+from app.nn.preprocess import decode_image_bytes, to_input_size
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
-TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP"}  # decoded by libjpeg/libpng/libwebp via torchvision
-
-# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
-# measured here (../shared/PERF_NOTES.md), so keep them and keep the log clean.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
-                        "TorchVision are deprecated", category=DeprecationWarning)
 
 # Our own pixel limit is checked first; PIL's bomb check would raise a different error type.
 Image.MAX_IMAGE_PIXELS = None
@@ -67,21 +58,10 @@ def inspect_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
 
 
 def decode(data: bytes, fmt: str, channels: int) -> Tensor:
-    """uint8 (channels, H, W). GIFs give their first frame; alpha is dropped."""
+    """uint8 (channels, H, W); 415 when the image turns out truncated or corrupt."""
     try:
-        if fmt in TORCHVISION_FORMATS:
-            mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            image = decode_image(buf, mode=mode)
-            return image[0] if image.ndim == 4 else image
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
-                im.seek(0)
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-        tensor = torch.from_numpy(arr.copy())
-        return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    except (RuntimeError, OSError, ValueError, SyntaxError) as e:
+        return decode_image_bytes(data, channels)
+    except ValueError as e:
         raise ImageError(415, "undecodable_image", f"the {fmt} image could not be decoded "
                          f"(truncated or corrupt?)") from e
 

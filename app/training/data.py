@@ -13,9 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
-from app.nn.preprocess import to_channels
+from app.nn.preprocess import decode_image_bytes
 
 FASHION_MNIST_DIRS = (
     Path("/usr/share/datasets/fashion-mnist"),
@@ -195,10 +194,8 @@ class ImageDataset(Dataset[tuple[Tensor, int]]):
         if self.split.images is not None:
             image = self.split.images[i]
         else:
-            mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-            data = torch.frombuffer(bytearray(self.split.paths[i].read_bytes()), dtype=torch.uint8)
-            image = decode_image(data, mode=mode)
-            if image.ndim == 4:  # animated GIF: first frame
-                image = image[0]
-            image = to_channels(image, self.channels)
+            try:
+                image = decode_image_bytes(self.split.paths[i].read_bytes(), self.channels)
+            except ValueError as e:
+                raise DataError(f"{self.split.paths[i]}: {e}") from e
         return self.transform(image), int(self.split.labels[i])
