@@ -60,6 +60,8 @@ class TrainConfig(BaseModel):
     out: str = Field("runs/model", description="model directory to write")
     state: str = Field("", description="training-state file (default: OUT.train-state.pt)")
     resume: bool = False
+    init_from: str | None = Field(None, description="start from this model directory's weights "
+                                  "(fine-tuning; same preset, architecture and labels)")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from app.nn.card import InputSpec, ModelCard
-from app.nn.checkpoint import save_model_dir
+from app.nn.checkpoint import load_model_dir, save_model_dir
 from app.nn.preprocess import normalize_batch
 from app.nn.resnet import PatentResNet, create_model, preset_config
 from app.training.augment import build_train_transform
@@ -170,6 +170,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # -- network, loss, optimiser ------------------------------------------------------------
     model: PatentResNet = create_model(cfg.preset, len(data.labels), **cfg.arch)
+    parent = init_from(model, cfg.init_from, data.labels) if cfg.init_from else None
     model = model.to(rt.device).to(memory_format=torch.channels_last)
     net: nn.Module = DistributedDataParallel(model) if rt.world > 1 else model
     criterion = PatentLoss(cfg.weight_decay, cfg.bn_reg, cfg.label_smoothing)
@@ -303,6 +304,7 @@ def train(cfg: TrainConfig) -> Path:
                 "config": cfg.model_dump(), "command": command_line(), "git_commit": git_commit(),
                 "wall_time_s": round(wall, 1), "hardware": hardware(rt),
                 "rank_state_digests": digests,
+                "init_from": parent,
                 "images_per_s": round(sum(h["images_per_s"] for h in history)
                                       / max(len(history), 1), 1),
             },
@@ -322,6 +324,20 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return result_dir
+
+
+def init_from(model: PatentResNet, directory: str, labels: list[str]) -> dict[str, Any]:
+    """Load a trained model directory's weights to fine-tune from; returns its lineage."""
+    parent = load_model_dir(directory)
+    if parent.card.labels != labels:
+        raise ValueError(f"--init-from {directory}: its labels differ from the data's")
+    if parent.model.config != model.config:
+        raise ValueError(f"--init-from {directory}: its architecture differs from --preset/--arch")
+    model.load_state_dict(parent.model.state_dict())
+    return {"path": str(directory), "weights_sha256": parent.card.weights_sha256,
+            "command": parent.card.training.get("command"),
+            "test_top1": parent.card.metrics.get("test_top1"),
+            "epochs_run": parent.card.metrics.get("epochs_run")}
 
 
 def sync_bn_statistics(model: nn.Module, world: int) -> None:
