@@ -195,6 +195,15 @@ def test_tiny_training_run_writes_a_loadable_model_directory(tmp_path: Path) -> 
                 "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stderr and "epoch 3:" in r.stderr and "epoch 1:" not in r.stderr
+    # fine-tuning from the model directory records its lineage
+    tuned = tmp_path / "tuned"
+    r = run_cli(sys.executable, "-m", "app.training", "--preset", "fashion-small",
+                "--limit-train", "128", "--limit-test", "64", "--epochs", "1", "--lr", "0.01",
+                "--batch-size", "64", "--workers", "0", "--no-progress", "--threads", "1",
+                "--init-from", str(out), "--out", str(tuned))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lineage = load_model_dir(tuned).card.training["init_from"]
+    assert lineage["weights_sha256"] == load_model_dir(out).card.weights_sha256
     # evaluate: the last line of stdout is JSON with top1 and n, matching the card
     ev = run_cli(sys.executable, "-m", "app.cli", "evaluate", str(out), "--limit", "200")
     assert ev.returncode == 0, ev.stderr

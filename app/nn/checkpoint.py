@@ -50,6 +50,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a server running as another user must read it
     os.replace(tmp, path)
 
 
@@ -79,6 +80,7 @@ def save_model_dir(model: PatentResNet, card: ModelCard, directory: str | Path,
     weights = out / WEIGHTS_FILE
     tmp = out / f".{WEIGHTS_FILE}.tmp"
     save_file(state, str(tmp), metadata={"format": "pt", "preset": card.preset})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, weights)
     card = card.model_copy(
         update={

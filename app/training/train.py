@@ -113,7 +113,10 @@ def command_line() -> str:
     if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         prefix = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '?')} "
         return prefix + shlex.join(["-m", "app.training", *sys.argv[1:]])
-    return shlex.join(["imgrec", "train", *sys.argv[1:]])
+    args = sys.argv[1:]
+    if args[:1] == ["train"]:  # run as `imgrec train ...` rather than `python -m app.training`
+        args = args[1:]
+    return shlex.join(["imgrec", "train", *args])
 
 
 def state_digest(model: nn.Module) -> str:
