@@ -46,6 +46,7 @@ from app.nn import InputSpec, ModelCard, create_model, load_model_dir, save_mode
 BOUNDARY = "BENCHBOUNDARY"
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 TICK = os.sysconf("SC_CLK_TCK")
+ENGINES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -166,10 +167,10 @@ def start_server(kind: str, model_dir: Path, port: int, env_extra: dict[str, str
 
 
 def _ms(value: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value.strip())
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value.strip())
     if not m:
         return float("nan")
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[m.group(2)]
     return float(m.group(1)) * scale
 
 
@@ -194,31 +195,36 @@ def wrk(port: int, concurrency: int, seconds: float, bodies: Path, count: int,
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(errs.group(1)) if errs else 0) + (sum(map(int, sock.groups())) if sock else 0)
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     n = max(total, 1)
     return Run(label, concurrency, rps, p50, p99, 1000 * server_cpu / n, 1000 * loadgen_cpu / n,
                errors, total)
 
 
-def ceiling(model_dir: Path, threads: int, seconds: float) -> tuple[int, float, dict[int, float]]:
-    """The network alone: images/s per batch size, eval + inference_mode + channels_last."""
+def ceiling(model_dir: Path, threads: int, seconds: float,
+            engine: str = "torch") -> tuple[int, float, dict[int, float]]:
+    """The network alone through one engine, exactly as served (BNs folded, normalised float32
+    input, inference mode): images/s per batch size."""
+    from app.nn.fuse import fold_batchnorms
+    from app.serving.engines import build_engine
+
     torch.set_num_threads(threads)
     loaded = load_model_dir(model_dir)
-    model = loaded.model.eval().to(memory_format=torch.channels_last)
+    run = build_engine(engine, fold_batchnorms(loaded.model.eval()), torch.device("cpu"),
+                       torch.float32, threads)
     spec = loaded.card.input
     rates: dict[int, float] = {}
     for bs in (1, 8, 16, 32, 64, 128):
-        x = torch.randn(bs, spec.channels, spec.size, spec.size).contiguous(
-            memory_format=torch.channels_last)
+        x = torch.randn(bs, spec.channels, spec.size, spec.size)
         with torch.inference_mode():
-            model(x)
+            run(x)
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
-                model(x)
+                run(x)
                 n += bs
         rates[bs] = n / (time.perf_counter() - t0)
-        if spec.size > 64 and bs >= 32:
+        if spec.size > 64 and bs >= 16:
             break  # compute-bound: larger batches only cost memory
     best = max(rates, key=lambda b: rates[b])
     return best, rates[best], rates
@@ -236,11 +242,12 @@ def random_model(tmp: Path, preset: str) -> Path:
     return tmp / preset
 
 
-def run_ceiling_subprocess(model_dir: Path, threads: int, seconds: float) -> dict[str, object]:
+def run_ceiling_subprocess(model_dir: Path, threads: int, seconds: float,
+                           engine: str) -> dict[str, object]:
     """The ceiling in a fresh process with the same malloc settings as the servers."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); "
             "from pathlib import Path; from bench.serve import ceiling; "
-            f"b, r, all_ = ceiling(Path({str(model_dir)!r}), {threads}, {seconds}); "
+            f"b, r, all_ = ceiling(Path({str(model_dir)!r}), {threads}, {seconds}, {engine!r}); "
             "print(json.dumps({'batch': b, 'rate': r, 'rates': all_}))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **MALLOC},
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
@@ -281,10 +288,11 @@ def main() -> int:
                 model_dir = random_model(tmp, "fashion")
             bodies = tmp / "png28"
             make_bodies(bodies, 2000, "png28")
-            ceil = run_ceiling_subprocess(model_dir, 1, 2.0)
-            print(f"fashion ({model_dir.name}) in-process ceiling, 1 thread: best batch "
-                  f"{ceil['batch']}: {ceil['rate']:.0f} img/s; by batch: "
-                  + ", ".join(f"{b}: {r:.0f}" for b, r in dict(ceil["rates"]).items()))  # type: ignore[call-overload]
+            ceil = {e: run_ceiling_subprocess(model_dir, 1, 2.0, e) for e in ENGINES}
+            for engine, c in ceil.items():
+                print(f"fashion ({model_dir.name}) in-process ceiling, {engine}, 1 thread: best "
+                      f"batch {c['batch']}: {c['rate']:.0f} img/s; by batch: "
+                      + ", ".join(f"{b}: {r:.0f}" for b, r in dict(c["rates"]).items()))  # type: ignore[call-overload]
             runs: list[Run] = []
             servers = [("imgrec (batching, max 32)", "imgrec", {}),
                        ("imgrec, engine=torch (batching)", "imgrec", {"IMGREC_ENGINE": "torch"}),
@@ -309,9 +317,10 @@ def main() -> int:
             bodies = tmp / "jpeg224"
             make_bodies(bodies, 300, "jpeg224")
             threads = os.cpu_count() or 1
-            ceil = run_ceiling_subprocess(model_dir, threads, 4.0)
-            print(f"resnet50 in-process ceiling, {threads} threads: best batch {ceil['batch']}: "
-                  f"{ceil['rate']:.1f} img/s")
+            ceil = {e: run_ceiling_subprocess(model_dir, threads, 4.0, e) for e in ENGINES}
+            for engine, c in ceil.items():
+                print(f"resnet50 in-process ceiling, {engine}, {threads} threads: best batch "
+                      f"{c['batch']}: {c['rate']:.1f} img/s")
             port = free_port()
             env = {"IMGREC_TORCH_THREADS": str(threads), "IMGREC_MAX_BATCH_SIZE": "16",
                    "IMGREC_REQUEST_TIMEOUT_MS": "60000"}
@@ -323,9 +332,11 @@ def main() -> int:
             finally:
                 proc.terminate()
                 proc.wait(60)
-            ratio = run.rps / float(ceil["rate"])  # type: ignore[arg-type]
+            # served by the default engine on the CPU (onnxruntime): compare with its ceiling
+            ratio = run.rps / float(ceil["onnxruntime"]["rate"])  # type: ignore[arg-type]
             print(table([run]))
-            print(f"\nresnet50 served / ceiling at concurrency 16: {ratio:.2f}")
+            print(f"\nresnet50 served (onnxruntime) / in-process onnxruntime ceiling at "
+                  f"concurrency 16: {ratio:.2f}")
             report["resnet50"] = {"ceiling": ceil, "run": asdict(run), "ratio": ratio}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
