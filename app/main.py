@@ -37,6 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Image recognition with the patent's residual network: labels and feature "
                 "vectors as JSON.",
         lifespan=lifespan,
+        # FastAPI's built-in OpenTelemetry hook asks for a tracer provider on every request;
+        # imgrec exports Prometheus metrics instead, so it stays off (ignored by older FastAPI)
+        telemetry={"tracing": False, "metrics": False},
     )
     app.state.settings = settings
     app.include_router(router)

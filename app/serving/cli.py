@@ -55,6 +55,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level, access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s), lifespan="on",
         loop="uvloop", http="httptools", backlog=2048,
+        proxy_headers=False,  # client addresses are never used; one middleware less per request
     )
     DrainingServer(config, app).run()
     return 0
