@@ -87,13 +87,19 @@ async def test_queue_full_is_refused_at_once_and_all_or_nothing() -> None:
     await b.stop()
 
 
-async def test_expired_items_are_answered_and_never_run() -> None:
+async def busy_batcher() -> tuple[Recorder, MicroBatcher[int, int], asyncio.Future[int]]:
+    """A started batcher whose inference thread is blocked inside a batch of [0]."""
     rec = Recorder()
     rec.gate.clear()
-    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
+    b: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
     b.start()
     running = asyncio.ensure_future(b.submit(0, 5.0))
     await asyncio.sleep(0.02)
+    return rec, b, running
+
+
+async def test_expired_items_are_answered_and_never_run() -> None:
+    rec, b, running = await busy_batcher()
     doomed = asyncio.ensure_future(b.submit(1, 0.05))
     with pytest.raises(DeadlineExceeded):
         await doomed  # answered at its deadline, while the network is still busy
@@ -105,12 +111,7 @@ async def test_expired_items_are_answered_and_never_run() -> None:
 
 
 async def test_cancelled_callers_are_skipped() -> None:
-    rec = Recorder()
-    rec.gate.clear()
-    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
-    b.start()
-    running = asyncio.ensure_future(b.submit(0, 5.0))
-    await asyncio.sleep(0.02)
+    rec, b, running = await busy_batcher()
     gone = asyncio.ensure_future(b.submit(1, 5.0))
     kept = asyncio.ensure_future(b.submit(2, 5.0))
     await asyncio.sleep(0)
