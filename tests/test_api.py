@@ -385,3 +385,42 @@ def test_corrupted_uploads_never_cause_a_5xx(client: TestClient) -> None:
     assert 415 in statuses  # the corruption was real
     assert client.get("/readyz").status_code == 200
     assert client.post("/predict", files=files(originals[0])).status_code == 200
+
+
+async def test_fast_path_serves_predict_and_embed_without_the_router() -> None:
+    from app.api.errors import ApiError
+    from app.api.fastpath import FastPathMiddleware, _bool, _int
+
+    async def router(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError(f"{scope['method']} {scope['path']} reached the router")
+
+    seen: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        seen.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    class NotReady:
+        draining, ready, predictor = True, False, None
+
+        class settings:
+            retry_after_s = 1
+
+    app = type("App", (), {"state": type("S", (), {"service": NotReady()})()})()
+    mw = FastPathMiddleware(router)
+    for path in ("/predict", "/embed"):
+        seen.clear()
+        scope = {"type": "http", "method": "POST", "path": path, "query_string": b"top_k=2",
+                 "headers": [], "app": app}
+        await mw(scope, receive, send)
+        assert seen[0]["status"] == 503  # answered by the route function, not the router
+    with pytest.raises(AssertionError, match="reached the router"):
+        await mw({"type": "http", "method": "GET", "path": "/model", "headers": []},
+                 receive, send)
+    assert _int({"k": ["7"]}, "k", 5, 1) == 7 and _bool({"b": ["Yes"]}, "b", False) is True
+    for bad in (lambda: _int({"k": ["x"]}, "k", 5, 1), lambda: _int({"k": ["0"]}, "k", 5, 1),
+                lambda: _bool({"b": ["maybe"]}, "b", False)):
+        with pytest.raises(ApiError):
+            bad()
