@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -180,8 +179,3 @@ def render_model_card(card: ModelCard, extra_markdown: str = "") -> str:
     if extra_markdown:
         lines += [extra_markdown.rstrip(), ""]
     return "\n".join(lines)
-
-
-def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -22,14 +22,20 @@ def decode_image_bytes(data: bytes, channels: int) -> Tensor:
     it crashed the process (SIGSEGV) on corrupted PNGs (tests/test_api.py); Pillow's decoders are
     fuzzed continuously and raise errors instead; they cost 30-150 us per image here
     (../shared/PERF_NOTES.md), small next to an HTTP request."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
             with Image.open(io.BytesIO(data)) as im:
-                im.seek(0)
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    except (OSError, SyntaxError, EOFError, ValueError) as e:
-        raise ValueError(f"undecodable image: {e}") from e
+                return pil_to_tensor(im, channels)
+        except (OSError, SyntaxError, EOFError) as e:
+            raise ValueError(f"undecodable image: {e}") from e
+
+
+def pil_to_tensor(im: Image.Image, channels: int) -> Tensor:
+    """An opened Pillow image (first frame) -> uint8 (channels, H, W); this is where the pixel
+    data is decoded, so OSError/SyntaxError/EOFError/ValueError mean truncated or corrupt."""
+    im.seek(0)
+    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     tensor = torch.from_numpy(arr.copy())
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 

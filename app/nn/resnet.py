@@ -21,7 +21,7 @@ How the claims map onto the modules of :class:`PatentResNet`:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -221,18 +221,6 @@ def create_model(preset: str, num_classes: int, **overrides: Any) -> PatentResNe
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@dataclass
-class ModelSpec:
-    """Enough to rebuild a network: what the card stores."""
-
-    preset: str
-    num_classes: int
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    def build(self) -> PatentResNet:
-        return create_model(self.preset, self.num_classes, **self.overrides)
 
 
 def bn_parameters(model: nn.Module) -> Sequence[Tensor]:

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from app.nn.card import InputSpec
-from app.nn.preprocess import decode_image_bytes, to_input_size
+from app.nn.preprocess import pil_to_tensor, to_input_size
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
 
@@ -31,19 +31,8 @@ class ImageError(ValueError):
         self.message = message
 
 
-def inspect_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height) from the header alone; 415 / 413 for bad or huge images."""
-    if not data:
-        raise ImageError(415, "unsupported_image", "empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
-                fmt, (width, height) = im.format or "", im.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError(415, "unsupported_image",
-                         f"not an image in an allowed format ({', '.join(sorted(ALLOWED_FORMATS))})"
-                         ) from e
+def check_header(fmt: str, width: int, height: int, max_pixels: int) -> None:
+    """415 / 413 for a disallowed format or a huge image, from the header alone."""
     if fmt not in ALLOWED_FORMATS:
         raise ImageError(415, "unsupported_image",
                          f"image format {fmt or 'unknown'} is not allowed; send one of "
@@ -54,21 +43,29 @@ def inspect_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         raise ImageError(413, "image_too_large",
                          f"image is {width}x{height} = {width * height} pixels; the limit is "
                          f"{max_pixels}")
-    return fmt, width, height
-
-
-def decode(data: bytes, fmt: str, channels: int) -> Tensor:
-    """uint8 (channels, H, W); 415 when the image turns out truncated or corrupt."""
-    try:
-        return decode_image_bytes(data, channels)
-    except ValueError as e:
-        raise ImageError(415, "undecodable_image", f"the {fmt} image could not be decoded "
-                         f"(truncated or corrupt?)") from e
 
 
 def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> Tensor:
     """Header check, decode, convert as the card says: uint8 (channels, size, size); the
-    normalisation is done per batch (app.nn.preprocess.normalize_batch)."""
-    fmt, _, _ = inspect_header(data, max_pixels)
-    image = decode(data, fmt, spec.channels)
+    normalisation is done per batch (app.nn.preprocess.normalize_batch).
+
+    The image is opened once: Pillow reads only the header on open, the checks run on it, and
+    only then are the pixels decoded."""
+    if not data:
+        raise ImageError(415, "unsupported_image", "empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise ImageError(415, "unsupported_image", "not an image in an allowed format "
+                             f"({', '.join(sorted(ALLOWED_FORMATS))})") from e
+        with im:
+            fmt = im.format or ""
+            check_header(fmt, *im.size, max_pixels)
+            try:
+                image = pil_to_tensor(im, spec.channels)
+            except (OSError, SyntaxError, EOFError, ValueError) as e:
+                raise ImageError(415, "undecodable_image", f"the {fmt} image could not be "
+                                 "decoded (truncated or corrupt?)") from e
     return to_input_size(image, spec)
