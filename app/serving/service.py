@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from app.nn.card import InputSpec
 from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFull
 from app.serving.images import ImageError, prepare
 from app.serving.metrics import Metrics
@@ -42,10 +43,10 @@ class ImageResult:
     prediction: Prediction
 
 
-def _prepare_job(data: bytes, spec: object, max_pixels: int) -> tuple[str, torch.Tensor, float]:
+def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[str, torch.Tensor, float]:
     t0 = time.perf_counter()
     image_id = hashlib.sha256(data).hexdigest()
-    tensor = prepare(data, spec, max_pixels)  # type: ignore[arg-type]
+    tensor = prepare(data, spec, max_pixels)
     return image_id, tensor, time.perf_counter() - t0
 
 
