@@ -21,7 +21,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
-from app.serving.predictor import Predictor
+from app.nn.card import InputSpec
+from app.nn.preprocess import pil_to_tensor, to_input_size
+from app.serving.images import prepare
+from app.serving.service import Service
 from app.settings import Settings
 
 
@@ -71,14 +74,14 @@ class Gate:
         self.open = threading.Event()
         self.open.set()
         self.images = 0
-        original = Predictor.run_batch
+        original = Service._forward
 
-        def gated(predictor: Predictor, items: list[Any]) -> Any:
+        def gated(service: Service, items: list[Any]) -> Any:
             self.open.wait(20)
             self.images += len(items)
-            return original(predictor, items)
+            return original(service, items)
 
-        monkeypatch.setattr(Predictor, "run_batch", gated)
+        monkeypatch.setattr(Service, "_forward", gated)
 
 
 # -- routes ------------------------------------------------------------------------------------
@@ -159,6 +162,25 @@ def test_any_colour_mode_and_size_is_accepted(client: TestClient, mode: str, fmt
     img = Image.fromarray(rng.integers(0, 256, (61, 45, 3), dtype=np.uint8)).convert(mode)
     r = client.post("/predict", files=files(encode(img, fmt)))
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("RGB", "JPEG"), ("L", "PNG"),
+                                      ("P", "GIF"), ("LA", "PNG"), ("1", "BMP"),
+                                      ("I;16", "PNG")])
+@pytest.mark.parametrize("side", [28, 61])
+def test_served_pixels_are_the_trainers_pixels(mode: str, fmt: str, channels: int,
+                                               side: int) -> None:
+    """prepare() converts an image already at the input size with Pillow alone; its bytes must
+    be exactly what the trainer's path (pil_to_tensor + to_input_size) gives, and so must the
+    resized ones."""
+    spec = InputSpec(size=28, channels=channels, mean=[0.5] * channels, std=[0.5] * channels)
+    rng = np.random.default_rng(side)
+    img = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).convert(mode)
+    data = encode(img, fmt)
+    with Image.open(io.BytesIO(data)) as im:
+        expected = to_input_size(pil_to_tensor(im, channels), spec)
+    assert prepare(data, spec, 10**6) == expected.numpy().tobytes()
 
 
 def test_animated_gif_uses_its_first_frame(client: TestClient) -> None:

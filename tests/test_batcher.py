@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -178,3 +179,66 @@ async def test_every_future_resolves_exactly_once_under_churn() -> None:
     assert len(ran) == len(set(ran))  # nothing ran twice
     ok = [f for f in futs if not f.cancelled() and f.exception() is None]
     assert b.stats.items == len(ran) and len(ok) <= len(ran)
+
+
+class Keeper:
+    """A finish stage (the service's store write) that records, can be held and can fail."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.kept: list[tuple[list[int], list[int]]] = []
+        self.threads: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[int], outputs: Sequence[int]) -> None:
+        self.gate.wait(10)
+        self.threads.add(threading.current_thread().name)
+        if self.fail_on is not None and self.fail_on in items:
+            raise OSError("store refused the write")
+        self.kept.append((list(items), list(outputs)))
+
+
+async def test_finish_runs_before_answers_while_the_next_batch_computes() -> None:
+    rec, keep = Recorder(), Keeper()
+    keep.gate.clear()  # hold the finish stage
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, finish=keep)
+    b.start()
+    first = asyncio.ensure_future(b.submit(1, 5.0))
+    await asyncio.sleep(0.05)
+    assert rec.batches == [[1]] and not first.done()  # computed, not yet kept: not answered
+    second = asyncio.ensure_future(b.submit(2, 5.0))
+    await asyncio.sleep(0.05)
+    assert rec.batches == [[1], [2]]  # the next forward pass did not wait for the finish
+    assert not first.done() and not second.done()
+    keep.gate.set()
+    assert await asyncio.gather(first, second) == [10, 20]
+    await b.stop()
+    assert keep.kept == [([1], [10]), ([2], [20])]  # every batch kept, in order
+    assert all(t.startswith("finish") for t in keep.threads)
+
+
+async def test_a_failing_finish_fails_its_callers_and_only_them() -> None:
+    keep = Keeper(fail_on=2)
+    b = MicroBatcher(Recorder(delay_s=0.02), max_batch_size=4, max_wait_ms=0, finish=keep)
+    b.start()
+    first = asyncio.ensure_future(b.submit(0, 5.0))
+    await asyncio.sleep(0.005)
+    bad = [asyncio.ensure_future(b.submit(i, 5.0)) for i in (1, 2)]
+    outcomes = await asyncio.gather(*bad, return_exceptions=True)
+    assert all(isinstance(o, OSError) for o in outcomes)
+    assert await first == 0
+    assert await b.submit(5, 5.0) == 50
+    await b.stop()
+    assert b.stats.failed_batches == 1
+
+
+async def test_stop_waits_for_the_last_finish() -> None:
+    keep = Keeper()
+    b = MicroBatcher(Recorder(delay_s=0.005), max_batch_size=4, max_wait_ms=0, finish=keep)
+    b.start()
+    futs = b.submit_many(list(range(10)), 10.0)
+    await asyncio.sleep(0)
+    await b.stop()
+    assert [f.result() for f in futs] == [i * 10 for i in range(10)]
+    assert sorted(i for items, _ in keep.kept for i in items) == list(range(10))

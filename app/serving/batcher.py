@@ -4,6 +4,10 @@ No torch here. The worker is greedy: when it is idle, a request runs at once (no
 low load); while a batch runs on the inference thread, arrivals queue up and form the next batch,
 up to ``max_batch_size``. ``max_wait_ms`` may hold a batch open after its first item.
 
+An optional ``finish`` stage (the service's embedding-store write) runs each batch's outputs on a
+second thread of its own, and the batch's futures resolve only once it is done; meanwhile the
+inference thread already runs the next batch. Finishes run one at a time, in batch order.
+
 Invariants:
 * the queue is bounded in items; a submission that does not fit is refused at once (QueueFull);
 * every future resolves exactly once -- with a result, the batch's error, DeadlineExceeded, or
@@ -72,6 +76,7 @@ class MicroBatcher(Generic[In, Out]):
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         on_batch: Callable[[int, float], None] | None = None,
+        finish: Callable[[list[In], Sequence[Out]], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be positive")
@@ -80,11 +85,15 @@ class MicroBatcher(Generic[In, Out]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._on_batch = on_batch
+        self._finish = finish
+        self._finishing: asyncio.Task[None] | None = None
         self._queue: deque[_Record[In, Out]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         # One inference thread: the network never runs on the event loop, and never twice at once.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._finish_executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+                                 if finish is not None else None)
         self._closing = False
         self.stats = BatchStats()
 
@@ -103,6 +112,8 @@ class MicroBatcher(Generic[In, Out]):
         if self._worker is not None:
             await self._worker
         self._executor.shutdown(wait=True)
+        if self._finish_executor is not None:
+            self._finish_executor.shutdown(wait=True)
 
     @property
     def closing(self) -> bool:
@@ -165,6 +176,8 @@ class MicroBatcher(Generic[In, Out]):
         while True:
             if not self._queue:
                 if self._closing:
+                    if self._finishing is not None:
+                        await self._finishing
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -192,11 +205,7 @@ class MicroBatcher(Generic[In, Out]):
             if len(outputs) != len(batch):
                 raise RuntimeError(f"batch returned {len(outputs)} outputs for {len(batch)} inputs")
         except Exception as exc:  # a failing batch fails each of its callers, and only them
-            self.stats.failed_batches += 1
-            for r in batch:
-                self._settle(r)
-                if not r.future.done():
-                    r.future.set_exception(exc)
+            self._fail(batch, exc)
             return
         finally:
             self.stats.batches += 1
@@ -204,6 +213,34 @@ class MicroBatcher(Generic[In, Out]):
             self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
             if self._on_batch is not None:
                 self._on_batch(len(batch), time.perf_counter() - started)
+        if self._finish is None:
+            self._resolve(batch, outputs)
+            return
+        # one finish at a time, in order: wait for the previous batch's (it has had this whole
+        # forward pass to complete), then let this one run while the next batch computes
+        if self._finishing is not None:
+            await self._finishing
+        self._finishing = loop.create_task(self._finish_batch(loop, batch, outputs))
+
+    async def _finish_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Record[In, Out]],
+                            outputs: Sequence[Out]) -> None:
+        assert self._finish is not None
+        try:
+            await loop.run_in_executor(self._finish_executor, self._finish,
+                                       [r.item for r in batch], outputs)
+        except Exception as exc:  # e.g. the store refused the write: these callers fail
+            self._fail(batch, exc)
+            return
+        self._resolve(batch, outputs)
+
+    def _fail(self, batch: list[_Record[In, Out]], exc: Exception) -> None:
+        self.stats.failed_batches += 1
+        for r in batch:
+            self._settle(r)
+            if not r.future.done():
+                r.future.set_exception(exc)
+
+    def _resolve(self, batch: list[_Record[In, Out]], outputs: Sequence[Out]) -> None:
         for r, out in zip(batch, outputs, strict=True):
             self._settle(r)
             if not r.future.done():

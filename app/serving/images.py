@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
 
 from app.nn.card import InputSpec
 from app.nn.preprocess import pil_to_tensor, to_input_size
@@ -45,12 +45,17 @@ def check_header(fmt: str, width: int, height: int, max_pixels: int) -> None:
                          f"{max_pixels}")
 
 
-def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> Tensor:
-    """Header check, decode, convert as the card says: uint8 (channels, size, size); the
-    normalisation is done per batch (app.nn.preprocess.normalize_batch).
+def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> bytes:
+    """Header check, decode, convert as the card says; returns the image's pixels as uint8 bytes
+    in (channels, size, size) order. Normalisation is the engine's, once per batch.
+
+    Bytes, not a tensor: the inference thread joins a batch's images with ``b"".join`` and hands
+    the buffer to the engine without a single call that lets go of the GIL (every release there
+    can cost the thread a whole switch interval waiting for the event loop to give it back).
 
     The image is opened once: Pillow reads only the header on open, the checks run on it, and
-    only then are the pixels decoded."""
+    only then are the pixels decoded. An image already at the input size is converted by Pillow
+    alone; any other size goes through the trainer's own resize (``to_input_size``)."""
     if not data:
         raise ImageError(415, "unsupported_image", "empty file")
     with warnings.catch_warnings():
@@ -64,8 +69,20 @@ def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> Tensor:
             fmt = im.format or ""
             check_header(fmt, *im.size, max_pixels)
             try:
+                if im.size == (spec.size, spec.size):
+                    return _pixels_at_size(im, spec.channels)
                 image = pil_to_tensor(im, spec.channels)
             except (OSError, SyntaxError, EOFError, ValueError) as e:
                 raise ImageError(415, "undecodable_image", f"the {fmt} image could not be "
                                  "decoded (truncated or corrupt?)") from e
-    return to_input_size(image, spec)
+    return to_input_size(image, spec).numpy().tobytes()
+
+
+def _pixels_at_size(im: Image.Image, channels: int) -> bytes:
+    """The same pixels as ``pil_to_tensor`` (first frame, Pillow's colour conversion), as
+    (channels, H, W) bytes without a tensor in between."""
+    im.seek(0)
+    converted = im.convert("L" if channels == 1 else "RGB")
+    if channels == 1:
+        return converted.tobytes()
+    return np.asarray(converted).transpose(2, 0, 1).tobytes()

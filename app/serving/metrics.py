@@ -28,7 +28,7 @@ class Metrics:
                                         "decode + preprocess time per image",
                                         buckets=FAST_BUCKETS, registry=r)
         self.inference_seconds = Histogram("imgrec_inference_seconds",
-                                           "forward pass (+ store write) time per batch",
+                                           "forward pass time per batch",
                                            buckets=FAST_BUCKETS, registry=r)
         self.ready = Gauge("imgrec_ready", "1 when ready to serve", registry=r)
 

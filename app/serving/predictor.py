@@ -14,9 +14,7 @@ import torch
 
 from app.nn.checkpoint import LoadedModel, load_model_dir
 from app.nn.fuse import fold_batchnorms
-from app.nn.preprocess import normalize_batch
 from app.serving.engines import build_engine
-from app.serving.store import EmbeddingStore
 
 log = logging.getLogger("imgrec.predictor")
 
@@ -43,11 +41,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Predictor:
-    """Holds the model; ``run_batch`` is called on the batcher's single inference thread."""
+    """Holds the model; ``forward`` is called on the batcher's single inference thread."""
 
     def __init__(self, model_dir: str | os.PathLike[str], device: str = "auto",
-                 dtype: str = "auto", threads: int = 1,
-                 store: EmbeddingStore | None = None, engine: str = "auto") -> None:
+                 dtype: str = "auto", threads: int = 1, engine: str = "auto") -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -57,32 +54,33 @@ class Predictor:
         self.model_key = loaded.card.weights_sha256
         # BNs that directly follow a conv are folded into it: same function, fewer passes
         model = fold_batchnorms(loaded.model.eval())
-        self.engine = build_engine(engine, model, self.device, self.dtype, threads)
-        self.store = store
+        self.engine = build_engine(engine, model, self.card.input, self.device, self.dtype,
+                                   threads)
+        spec = self.card.input
+        self.image_shape = (spec.channels, spec.size, spec.size)
+        self.image_bytes = spec.channels * spec.size * spec.size
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         log.info("loaded %s (%s, %d parameters) on %s as %s with %s", self.card.name,
                  self.card.preset, self.card.parameters, self.device, self.dtype,
                  self.engine.name)
 
     def warm_up(self, batches: int, batch_size: int) -> None:
-        spec = self.card.input
-        x = torch.zeros(spec.channels, spec.size, spec.size, dtype=torch.uint8)
+        blank = bytes(self.image_bytes)
         for n in {1, batch_size}:
             for _ in range(batches):
-                self.forward([x] * n)
+                self.forward([blank] * n)
 
-    @torch.inference_mode()
-    def forward(self, images: Sequence[torch.Tensor]) -> list[Prediction]:
-        # uint8 travels to the device; normalisation runs there, once per batch
-        batch = torch.stack(list(images)).to(self.device, non_blocking=True)
-        p, f = self.engine(normalize_batch(batch, self.card.input))
+    def forward(self, images: Sequence[bytes]) -> list[Prediction]:
+        """Images as ``app.serving.images.prepare`` gives them (uint8 (C, size, size) bytes).
+
+        Joining bytes and viewing them as an array hold the GIL throughout; the engine call is
+        the only place the thread lets go of it, so the event loop cannot make it wait more than
+        once per batch."""
+        for image in images:
+            if len(image) != self.image_bytes:
+                raise ValueError(f"an image of {len(image)} bytes; this model takes "
+                                 f"{self.image_bytes} ({self.image_shape} uint8)")
+        pixels = np.frombuffer(bytearray().join(images), np.uint8)  # writable: torch wants it
+        batch = pixels.reshape(len(images), *self.image_shape)
+        p, f = self.engine(batch)
         return [Prediction(p[i], f[i]) for i in range(len(images))]
-
-    def run_batch(self, items: list[tuple[str, torch.Tensor]]) -> list[Prediction]:
-        """Forward pass, then keep every vector in the embedding store before answering."""
-        results = self.forward([tensor for _, tensor in items])
-        if self.store is not None:
-            self.store.put_many(self.model_key, [(image_id, r.embedding)
-                                                 for (image_id, _), r in zip(items, results,
-                                                                             strict=True)])
-        return results

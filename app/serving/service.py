@@ -12,11 +12,11 @@ import gc
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from app.nn.card import InputSpec
 from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFull
@@ -43,11 +43,11 @@ class ImageResult:
     prediction: Prediction
 
 
-def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[str, torch.Tensor, float]:
+def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[str, bytes, float]:
     t0 = time.perf_counter()
     image_id = hashlib.sha256(data).hexdigest()
-    tensor = prepare(data, spec, max_pixels)
-    return image_id, tensor, time.perf_counter() - t0
+    pixels = prepare(data, spec, max_pixels)
+    return image_id, pixels, time.perf_counter() - t0
 
 
 class Service:
@@ -55,7 +55,7 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.predictor: Predictor | None = None
-        self.batcher: MicroBatcher[tuple[str, torch.Tensor], Prediction] | None = None
+        self.batcher: MicroBatcher[tuple[str, bytes], Prediction] | None = None
         self.store: EmbeddingStore | None = None
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                                thread_name_prefix="decode")
@@ -68,11 +68,11 @@ class Service:
         s = self.settings
         self.store = await asyncio.to_thread(open_store, s.embed_store, s.embed_store_max_items)
         self.predictor = await asyncio.to_thread(
-            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, self.store, s.engine)
+            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, s.engine)
         self.batcher = MicroBatcher(
-            self.predictor.run_batch, max_batch_size=s.max_batch_size,
+            self._forward, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
-            on_batch=self.metrics.observe_batch)
+            on_batch=self.metrics.observe_batch, finish=self._keep)
         # Warm up on the inference thread itself, so its thread-local state is warm too.
         await asyncio.get_running_loop().run_in_executor(
             self.batcher._executor, self.predictor.warm_up, s.warmup_batches, s.max_batch_size)
@@ -102,6 +102,19 @@ class Service:
         log.info("stopped: every accepted image answered")
 
     # -- work ----------------------------------------------------------------------------------
+    def _forward(self, items: list[tuple[str, bytes]]) -> list[Prediction]:
+        """On the inference thread."""
+        assert self.predictor is not None
+        return self.predictor.forward([pixels for _, pixels in items])
+
+    def _keep(self, items: list[tuple[str, bytes]], predictions: Sequence[Prediction]) -> None:
+        """On the batcher's finish thread, while the next batch computes: every vector goes to
+        the store before its request is answered, so a GET /embed right after finds it."""
+        assert self.predictor is not None and self.store is not None
+        self.store.put_many(self.predictor.model_key,
+                            [(image_id, p.embedding)
+                             for (image_id, _), p in zip(items, predictions, strict=True)])
+
     def _refusal(self, reason: str, code: str, message: str) -> ServiceError:
         self.metrics.rejections.labels(reason).inc()
         return ServiceError(503, code, message, retry_after=self.settings.retry_after_s)
@@ -128,7 +141,7 @@ class Service:
             self.metrics.decode_seconds.observe(seconds)
         try:
             futures = self.batcher.submit_many(
-                [(image_id, tensor) for image_id, tensor, _ in prepared],
+                [(image_id, pixels) for image_id, pixels, _ in prepared],
                 self.settings.request_timeout_ms / 1000.0)
         except QueueFull as e:
             raise self._refusal("queue_full", "overloaded", f"{e}; retry later") from None
