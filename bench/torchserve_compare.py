@@ -2,16 +2,19 @@
 
 TorchServe 0.12 runs from its own virtual environment (.venv-torchserve, made by --setup) with
 bench/torchserve_handler.py: imgrec's loader (no pickle) and imgrec's image preparation, TorchServe
-batching at most 32 requests with a 5 ms max batch delay, one worker, one torch thread (as in
-../shared/PERF_NOTES.md). imgrec runs with its default settings (batching on, max 32). Both get
-the same malloc settings (bench/serve.py's MALLOC). Each is measured alone with the same wrk
-command and Lua script as bench/serve.py at concurrency 1, 16 and 64; server CPU is the sum over
-the server's whole process tree (TorchServe: the launcher, the Java frontend and its Python
-workers).
+batching at most 32 requests with a 5 ms max batch delay, one worker, one thread (as in
+../shared/PERF_NOTES.md). The handler runs the network with eager PyTorch, as TorchServe serves a
+PyTorch model; with --ts-engines torch,onnxruntime a second TorchServe also runs imgrec's own ONNX
+Runtime engine in its handler, which leaves only the serving stacks different. imgrec runs with its
+default settings (batching on, max 32). All get the same malloc settings (bench/serve.py's MALLOC).
+Each is measured alone with the same wrk command and Lua script as bench/serve.py at concurrency 1,
+16 and 64; server CPU is the sum over the server's whole process tree (TorchServe: the launcher,
+the Java frontend and its Python workers).
 
     python bench/torchserve_compare.py --setup          # make .venv-torchserve (a few minutes)
     python bench/torchserve_compare.py                  # 10 s per point (~2 minutes)
     python bench/torchserve_compare.py --seconds 3      # short runs
+    python bench/torchserve_compare.py --ts-engines torch,onnxruntime  # both handlers
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ TS_VENV = ROOT / ".venv-torchserve"
 TS_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "torchserve", "torch-model-archiver",
                # what the handler imports from imgrec's app.nn / app.serving.images
                "numpy", "pillow", "safetensors", "pydantic",
+               # imgrec's ONNX Runtime engine, for --ts-engines onnxruntime (imgrec's own pins)
+               "onnxruntime==1.32.0", "onnxscript==0.7.2", "onnx==1.23.2",
                "pyyaml"]  # torchserve 0.12's worker imports yaml but does not declare it
 MODEL_NAME = "imgrec"
 BODY_COUNT = 2000
@@ -95,14 +100,15 @@ def check_answer(port: int, path: str, bodies: Path) -> str:
     return text
 
 
-def build_mar(model_dir: Path, store: Path, work: Path) -> None:
+def build_mar(model_dir: Path, store: Path, work: Path, engine: str) -> None:
     from app.settings import Settings
 
     config = work / "imgrec_handler.json"
     settings = Settings()
     config.write_text(json.dumps({"root": str(ROOT), "max_pixels": settings.max_image_pixels,
                                   "warmup_batches": settings.warmup_batches,
-                                  "max_batch_size": settings.max_batch_size}))
+                                  "max_batch_size": settings.max_batch_size,
+                                  "engine": engine}))
     extra = [model_dir / "card.json", model_dir / "weights.safetensors", config]
     subprocess.run([str(TS_VENV / "bin" / "torch-model-archiver"), "--model-name", MODEL_NAME,
                     "--version", "1.0", "--handler", str(ROOT / "bench" / "torchserve_handler.py"),
@@ -128,7 +134,7 @@ def wait_for(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str
 class TorchServe:
     """torchserve --foreground in its own directory (logs, pid file) on 127.0.0.1 ports."""
 
-    def __init__(self, work: Path, model_dir: Path) -> None:
+    def __init__(self, work: Path, model_dir: Path, engine: str) -> None:
         self.work = work
         self.store = work / "model-store"
         self.store.mkdir(parents=True)
@@ -158,7 +164,7 @@ class TorchServe:
         self.env = {**os.environ, **MALLOC, "TMPDIR": str(work),
                     "PATH": f"{TS_VENV / 'bin'}:{os.environ.get('PATH', '')}"}
         self.env.pop("PYTHONPATH", None)
-        build_mar(model_dir, self.store, work)
+        build_mar(model_dir, self.store, work, engine)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pids: set[int] = set()
 
@@ -258,8 +264,14 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
     p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times "
                    "(ratios use the medians)")
+    p.add_argument("--ts-engines", default="torch",
+                   help="the engine(s) in TorchServe's handler, comma-separated: torch (eager "
+                   "PyTorch, the default), onnxruntime (imgrec's own engine)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
+    ts_engines = [e.strip() for e in args.ts_engines.split(",") if e.strip()]
+    if not ts_engines or set(ts_engines) - {"torch", "onnxruntime"}:
+        p.error("--ts-engines takes torch and/or onnxruntime")
     if args.setup or args.setup_only:
         setup_venv()
         if args.setup_only:
@@ -276,7 +288,9 @@ def main() -> int:
         return 2
 
     tmp = Path(tempfile.mkdtemp(prefix="imgrec-tscmp-"))
-    ts_label, im_label = "TorchServe 0.12 (batch 32, 5 ms, 1 worker)", "imgrec (batching, max 32)"
+    ts_labels = {"torch": "TorchServe 0.12, eager PyTorch handler",
+                 "onnxruntime": "TorchServe 0.12, ONNX Runtime handler"}
+    im_label = "imgrec (batching, max 32)"
     runs: list[Run] = []
     try:
         model_dir = Path(args.model_dir)
@@ -287,18 +301,21 @@ def main() -> int:
         print(f"model: {model_dir}; {BODY_COUNT} distinct PNG uploads; {args.seconds:g} s per "
               f"point; {os.cpu_count()} cores\n", flush=True)
         for rnd in range(args.rounds):
-            ts = TorchServe(tmp / f"torchserve-{rnd}", model_dir)
-            try:
-                ts.start()
-                assert ts.proc is not None
-                path = f"/predictions/{MODEL_NAME}"
-                print(f"torchserve answer: {check_answer(ts.port, path, bodies)[:120]}...")
-                runs += measure(ts_label, ts.port, path, ts.proc.pid, bodies, args.seconds)
-            except (RuntimeError, OSError, subprocess.SubprocessError):
-                ts.print_logs()
-                raise
-            finally:
-                ts.stop()
+            for engine in ts_engines:
+                ts = TorchServe(tmp / f"torchserve-{rnd}-{engine}", model_dir, engine)
+                try:
+                    ts.start()
+                    assert ts.proc is not None
+                    path = f"/predictions/{MODEL_NAME}"
+                    print(f"torchserve ({engine}) answer: "
+                          f"{check_answer(ts.port, path, bodies)[:120]}...")
+                    runs += measure(ts_labels[engine], ts.port, path, ts.proc.pid, bodies,
+                                    args.seconds)
+                except (RuntimeError, OSError, subprocess.SubprocessError):
+                    ts.print_logs()
+                    raise
+                finally:
+                    ts.stop()
             port = free_port()
             proc = start_server("imgrec", model_dir, port, {}, tmp)
             try:
@@ -310,22 +327,26 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print("\n" + table(runs) + "\n")
-    rps_ts = median_at(runs, ts_label, 64, "rps")
     rps_im = median_at(runs, im_label, 64, "rps")
-    p50_ts = median_at(runs, ts_label, 1, "p50_ms")
     p50_im = median_at(runs, im_label, 1, "p50_ms")
-    ratio = rps_im / rps_ts if rps_ts else float("nan")
-    print(f"concurrency 64: imgrec {rps_im:.0f} req/s / TorchServe {rps_ts:.0f} req/s = "
-          f"{ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
-    print(f"concurrency 1: p50 imgrec {p50_im:.2f} ms, TorchServe {p50_ts:.2f} ms, "
-          f"difference (imgrec - TorchServe) {p50_im - p50_ts:+.2f} ms")
+    summary: dict[str, dict[str, float]] = {}
+    for engine in ts_engines:
+        rps_ts = median_at(runs, ts_labels[engine], 64, "rps")
+        p50_ts = median_at(runs, ts_labels[engine], 1, "p50_ms")
+        ratio = rps_im / rps_ts if rps_ts else float("nan")
+        summary[engine] = {"ratio_c64": ratio, "rps_c64_torchserve": rps_ts,
+                           "p50_c1_ms_torchserve": p50_ts}
+        print(f"vs TorchServe with the {engine} handler: concurrency 64: imgrec {rps_im:.0f} "
+              f"req/s / TorchServe {rps_ts:.0f} req/s = {ratio:.2f}x (target >= 1.5x: "
+              f"{'met' if ratio >= 1.5 else 'NOT met'}); concurrency 1 p50: imgrec "
+              f"{p50_im:.2f} ms, TorchServe {p50_ts:.2f} ms")
     errors = sum(r.errors for r in runs)
     if errors:
         print(f"WARNING: {errors} failed requests; the figures above are not comparable")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "runs": [r.__dict__ for r in runs], "ratio_c64": ratio,
-            "p50_c1_ms": {"imgrec": p50_im, "torchserve": p50_ts}}, indent=2))
+            "runs": [r.__dict__ for r in runs], "rps_c64_imgrec": rps_im,
+            "p50_c1_ms_imgrec": p50_im, "torchserve": summary}, indent=2))
     return 0
 
 

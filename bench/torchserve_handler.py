@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 TOP_K = 5
 INPUT_KEYS = ("file", "data", "body")
@@ -41,12 +40,12 @@ class ImgrecHandler:
         self.prepare = prepare
         self.max_pixels = int(config["max_pixels"])
         # imgrec's own Predictor: app.nn.load_model_dir (card + safetensors, no pickle), BNs
-        # folded, channels_last, per-batch normalisation, inference mode, one torch thread;
-        # no embedding store (imgrec's server also writes every embedding to SQLite)
-        # eager PyTorch, as TorchServe handlers run it (imgrec defaults to ONNX Runtime on CPU)
+        # folded, channels_last, per-batch normalisation, inference mode, one thread; no
+        # embedding store (imgrec's server also writes every embedding to SQLite). The engine is
+        # eager PyTorch by default, as TorchServe handlers run a model; the comparison can also
+        # give it imgrec's ONNX Runtime engine to compare the serving stacks alone.
         self.predictor = Predictor(model_dir, device="cpu", dtype="float32", threads=1,
-                                   engine="torch",
-                                   store=None)
+                                   engine=str(config.get("engine", "torch")))
         self.card = self.predictor.card
         self.labels = list(self.card.labels)
         self.predictor.warm_up(int(config.get("warmup_batches", 2)),
@@ -55,7 +54,7 @@ class ImgrecHandler:
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         answers: list[Any] = [None] * len(data)
-        images: list[torch.Tensor] = []
+        images: list[bytes] = []
         slots: list[int] = []
         for i, row in enumerate(data):
             raw = next((row[k] for k in INPUT_KEYS if row.get(k) is not None), None)
