@@ -145,8 +145,12 @@ def test_model_health_ready_metrics_docs(client: TestClient) -> None:
     text = client.get("/metrics").text
     for name in ("imgrec_requests_total", "imgrec_request_seconds_bucket", "imgrec_queue_depth",
                  "imgrec_batch_size_bucket", "imgrec_decode_seconds_count",
-                 "imgrec_inference_seconds_count", "imgrec_images_total"):
+                 "imgrec_inference_seconds_count", "imgrec_store_write_seconds_count",
+                 "imgrec_images_total"):
         assert name in text, name
+    for observed in ("imgrec_decode_seconds_count", "imgrec_inference_seconds_count",
+                     "imgrec_store_write_seconds_count"):
+        assert metric(text, observed) >= 1, observed
     assert 'route="POST /predict",status="200"' in text
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()

@@ -30,6 +30,9 @@ class Metrics:
         self.inference_seconds = Histogram("imgrec_inference_seconds",
                                            "forward pass time per batch",
                                            buckets=FAST_BUCKETS, registry=r)
+        self.store_write_seconds = Histogram("imgrec_store_write_seconds",
+                                             "embedding-store write time per batch",
+                                             buckets=FAST_BUCKETS, registry=r)
         self.ready = Gauge("imgrec_ready", "1 when ready to serve", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -111,9 +111,11 @@ class Service:
         """On the batcher's finish thread, while the next batch computes: every vector goes to
         the store before its request is answered, so a GET /embed right after finds it."""
         assert self.predictor is not None and self.store is not None
+        started = time.perf_counter()
         self.store.put_many(self.predictor.model_key,
                             [(image_id, p.embedding)
                              for (image_id, _), p in zip(items, predictions, strict=True)])
+        self.metrics.store_write_seconds.observe(time.perf_counter() - started)
 
     def _refusal(self, reason: str, code: str, message: str) -> ServiceError:
         self.metrics.rejections.labels(reason).inc()
