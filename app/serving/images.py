@@ -49,9 +49,9 @@ def prepare(data: bytes, spec: InputSpec, max_pixels: int) -> bytes:
     """Header check, decode, convert as the card says; returns the image's pixels as uint8 bytes
     in (channels, size, size) order. Normalisation is the engine's, once per batch.
 
-    Bytes, not a tensor: the inference thread joins a batch's images with ``b"".join`` and hands
-    the buffer to the engine without a single call that lets go of the GIL (every release there
-    can cost the thread a whole switch interval waiting for the event loop to give it back).
+    Bytes, not a tensor: the inference thread joins a batch's images into one buffer and hands it
+    to the engine without a single call that lets go of the GIL (every release there can cost the
+    thread a whole switch interval waiting for the event loop to give it back).
 
     The image is opened once: Pillow reads only the header on open, the checks run on it, and
     only then are the pixels decoded. An image already at the input size is converted by Pillow
