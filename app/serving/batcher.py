@@ -123,9 +123,10 @@ class MicroBatcher(Generic[In, Out]):
     def depth(self) -> int:
         return len(self._queue)
 
-    def run_sync(self, items: list[In]) -> Sequence[Out]:
-        """Run a batch directly on the inference thread's function (warm-up, before start)."""
-        return self._run_batch(items)
+    async def on_inference_thread(self, fn: Callable[..., object], *args: object) -> None:
+        """Run fn on the inference thread itself (the warm-up, before ``start``), so that its
+        thread-local state (allocator caches, engine scratch space) is warm too."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- submission --------------------------------------------------------------------------
     def submit_many(self, items: Sequence[In], timeout_s: float) -> list[asyncio.Future[Out]]:

@@ -73,9 +73,8 @@ class Service:
             self._forward, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
             on_batch=self.metrics.observe_batch, finish=self._keep)
-        # Warm up on the inference thread itself, so its thread-local state is warm too.
-        await asyncio.get_running_loop().run_in_executor(
-            self.batcher._executor, self.predictor.warm_up, s.warmup_batches, s.max_batch_size)
+        await self.batcher.on_inference_thread(self.predictor.warm_up, s.warmup_batches,
+                                               s.max_batch_size)
         self.batcher.start()
         # Start-up leaves millions of long-lived objects (torch, the ONNX export); without this
         # every full collection walks them all and stalls the event loop for 100+ ms (seen as
