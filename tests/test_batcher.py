@@ -124,21 +124,6 @@ async def test_cancelled_callers_are_skipped() -> None:
     assert b.stats.cancelled == 1
 
 
-async def test_a_failing_batch_fails_each_of_its_callers_and_only_them() -> None:
-    rec = Recorder(delay_s=0.03, fail_on=2)
-    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
-    b.start()
-    first = asyncio.ensure_future(b.submit(0, 5.0))
-    await asyncio.sleep(0.01)
-    bad_batch = [asyncio.ensure_future(b.submit(i, 5.0)) for i in (1, 2)]
-    outcomes = await asyncio.gather(*bad_batch, return_exceptions=True)
-    assert all(isinstance(o, RuntimeError) for o in outcomes)
-    assert await first == 0
-    assert await b.submit(5, 5.0) == 50  # the worker is still alive
-    await b.stop()
-    assert b.stats.failed_batches == 1
-
-
 async def test_output_count_is_checked() -> None:
     b: MicroBatcher[int, int] = MicroBatcher(lambda items: [1], max_batch_size=4)
     b.start()
@@ -218,17 +203,22 @@ async def test_finish_runs_before_answers_while_the_next_batch_computes() -> Non
     assert all(t.startswith("finish") for t in keep.threads)
 
 
-async def test_a_failing_finish_fails_its_callers_and_only_them() -> None:
-    keep = Keeper(fail_on=2)
-    b = MicroBatcher(Recorder(delay_s=0.02), max_batch_size=4, max_wait_ms=0, finish=keep)
+@pytest.mark.parametrize("stage", ["forward", "finish"])
+async def test_a_failing_batch_fails_each_of_its_callers_and_only_them(stage: str) -> None:
+    """The forward pass raising, or the finish stage (the store write) refusing the batch."""
+    if stage == "forward":
+        rec, keep, error = Recorder(delay_s=0.03, fail_on=2), None, RuntimeError
+    else:
+        rec, keep, error = Recorder(delay_s=0.03), Keeper(fail_on=2), OSError
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, finish=keep)
     b.start()
     first = asyncio.ensure_future(b.submit(0, 5.0))
-    await asyncio.sleep(0.005)
-    bad = [asyncio.ensure_future(b.submit(i, 5.0)) for i in (1, 2)]
-    outcomes = await asyncio.gather(*bad, return_exceptions=True)
-    assert all(isinstance(o, OSError) for o in outcomes)
+    await asyncio.sleep(0.01)
+    bad_batch = [asyncio.ensure_future(b.submit(i, 5.0)) for i in (1, 2)]
+    outcomes = await asyncio.gather(*bad_batch, return_exceptions=True)
+    assert all(isinstance(o, error) for o in outcomes)
     assert await first == 0
-    assert await b.submit(5, 5.0) == 50
+    assert await b.submit(5, 5.0) == 50  # the worker is still alive
     await b.stop()
     assert b.stats.failed_batches == 1
 
