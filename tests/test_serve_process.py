@@ -6,7 +6,6 @@ import concurrent.futures
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,21 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import png_bytes
-from daemons import free_port
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server never became ready")
+from daemons import Daemon, free_port, http_status, venv_binary, wait_until
 
 
 @pytest.fixture()
@@ -37,16 +22,14 @@ def server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, subproce
     env = {**os.environ, "IMGREC_MODEL_DIR": str(tiny_model_dir), "IMGREC_DEVICE": "cpu",
            "IMGREC_PORT": str(port), "IMGREC_EMBED_STORE": str(tmp_path / "e.sqlite3"),
            "IMGREC_MAX_BATCH_SIZE": "1", "IMGREC_LOG_LEVEL": "warning"}
-    cmd = [str(Path(sys.executable).parent / "imgrec"), "serve"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    d = Daemon("imgrec", [venv_binary("imgrec"), "serve"], tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
-        yield url, proc
+        wait_until(lambda: http_status(url + "/readyz") == 200, 90, "imgrec serve /readyz", d)
+        yield url, d.proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        d.kill()
+        d.stop()
 
 
 def test_serves_over_a_socket(server: tuple[str, subprocess.Popen[bytes]]) -> None:
