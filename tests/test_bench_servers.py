@@ -41,8 +41,7 @@ def same_ranking(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def imgrec_labels(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-                  ) -> dict[int, list[dict[str, Any]]]:
+def imgrec_labels(tiny_model_dir: Path) -> dict[int, list[dict[str, Any]]]:
     """imgrec's own top-5 for the test images (engine torch, as the handler's default)."""
     settings = Settings(model_dir=tiny_model_dir, device="cpu", engine="torch",
                         embed_store="memory", warmup_batches=0)
