@@ -2,8 +2,8 @@
 
 TorchServe 0.12 runs from its own virtual environment (.venv-torchserve, made by --setup) with
 bench/torchserve_handler.py: imgrec's loader (no pickle) and imgrec's image preparation, TorchServe
-batching at most 32 requests with a 5 ms max batch delay, one worker, one thread (as in
-../shared/PERF_NOTES.md). The handler runs the network with eager PyTorch, as TorchServe serves a
+batching at most 32 requests with a 5 ms max batch delay, one worker, one thread (the
+settings of our earlier serving-systems comparison). The handler runs the network with eager PyTorch, as TorchServe serves a
 PyTorch model; with --ts-engines torch,onnxruntime a second TorchServe also runs imgrec's own ONNX
 Runtime engine in its handler, which leaves only the serving stacks different. imgrec runs with its
 default settings (batching on, max 32). All get the same malloc settings (bench/serve.py's MALLOC).

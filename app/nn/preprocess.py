@@ -21,7 +21,7 @@ def decode_image_bytes(data: bytes, channels: int) -> Tensor:
     Pillow decodes every format. torchvision.io.decode_image was 2-3x faster on small PNGs, but
     it crashed the process (SIGSEGV) on corrupted PNGs (tests/test_api.py); Pillow's decoders are
     fuzzed continuously and raise errors instead; they cost 30-150 us per image here
-    (../shared/PERF_NOTES.md), small next to an HTTP request."""
+    (measured on a 2-core CPU), small next to an HTTP request."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
