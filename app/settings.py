@@ -43,6 +43,17 @@ class Settings(BaseSettings):
                              "redis://host:port/db, or 'memory'")
     embed_store_max_items: int = Field(200_000, ge=1, description="vectors kept; oldest "
                                        "evicted first")
+    # embedding-store outages and API keys (README: "API keys", "When the store is down")
+    embed_store_timeout_s: float = Field(1.0, gt=0, description="longest wait of one store "
+                                         "call (Redis network, SQLite lock) before it counts "
+                                         "as an outage")
+    embed_store_backoff_min_s: float = Field(0.5, gt=0, description="first wait before probing "
+                                             "a store that failed; doubles per failed probe")
+    embed_store_backoff_max_s: float = Field(10.0, gt=0, description="longest wait between "
+                                             "probes of a store that is down")
+    api_keys_file: Path | None = Field(None, description="file of API keys, one per line; when "
+                                       "set, inference and store routes need `Authorization: "
+                                       "Bearer <key>`; re-read on SIGHUP")
     # HTTP server (imgrec serve)
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")

@@ -15,6 +15,7 @@ from app.serving.service import ImageResult, Service, ServiceError
 
 router = APIRouter()
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+STORED_HEADER = "X-Imgrec-Stored"
 
 MULTIPART_DOC: dict[str, Any] = {
     "requestBody": {
@@ -54,12 +55,23 @@ async def _infer(request: Request, service: Service) -> tuple[list[str | None], 
                        {"Retry-After": str(s.retry_after_s)})
     uploads = await read_uploads(request, s.max_upload_bytes, s.max_files)
     try:
-        results = await service.infer([u.data for u in uploads])
+        results = await service.infer([u.data for u in uploads], namespace=namespace_of(request))
     except ServiceError as e:
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
         raise ApiError(e.status, e.code, e.message, headers) from None
     request.state.images = len(results)
     return [u.filename for u in uploads], results
+
+
+def namespace_of(request: Request) -> str | None:
+    """The caller's store namespace, set by the API-key middleware (None without keys)."""
+    return getattr(request.state, "namespace", None)
+
+
+def stored_header(results: list[ImageResult]) -> dict[str, str]:
+    """`X-Imgrec-Stored: true` when every vector of the response reached the embedding store;
+    `false` during a store outage (the answer is as good, GET /embed will not find them)."""
+    return {STORED_HEADER: "true" if all(r.stored for r in results) else "false"}
 
 
 def _model_ref(service: Service) -> dict[str, str]:
@@ -101,7 +113,8 @@ async def predict(
         if embedding:
             item["embedding"] = r.prediction.embedding
         out.append(item)
-    return JSONBytes({"model": _model_ref(service), "results": out})
+    return JSONBytes({"model": _model_ref(service), "results": out},
+                     headers=stored_header(results))
 
 
 @router.post("/embed", openapi_extra=MULTIPART_DOC, responses=ERRORS_DOC,
@@ -114,13 +127,15 @@ async def embed(
     _, results = await _infer(request, service)
     out = [{"id": r.id, "embedding": _unit(r.prediction.embedding) if normalize
             else r.prediction.embedding} for r in results]
-    return JSONBytes({"model": _model_ref(service), "results": out})
+    return JSONBytes({"model": _model_ref(service), "results": out},
+                     headers=stored_header(results))
 
 
 @router.get("/embed", responses={404: {"description": "unknown ids (named in the message)"},
                                  422: {"description": "missing or malformed id"}},
             summary="Vectors of images the service has already processed")
 async def embed_lookup(
+    request: Request,
     service: ServiceDep,
     id: Annotated[list[str], Query(description="sha256 hex of an image's bytes; repeatable")],
     normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
@@ -133,7 +148,7 @@ async def embed_lookup(
     if len(ids) > 1000:
         raise ApiError(422, "invalid_parameters", "id: at most 1000 ids per request")
     try:
-        found = await service.lookup(ids)
+        found = await service.lookup(ids, namespace=namespace_of(request))
     except ServiceError as e:
         raise ApiError(e.status, e.code, e.message, {"Retry-After": str(e.retry_after)}) from None
     unknown = [i for i in dict.fromkeys(ids) if i not in found]

@@ -34,6 +34,17 @@ class Metrics:
                                              "embedding-store write time per batch",
                                              buckets=FAST_BUCKETS, registry=r)
         self.ready = Gauge("imgrec_ready", "1 when ready to serve", registry=r)
+        # the embedding store's outages (app/serving/store_guard.py)
+        self.store_up = Gauge("imgrec_store_up", "1 while the embedding store takes writes, "
+                              "0 during an outage", registry=r)
+        self.store_unstored = Counter("imgrec_store_unstored_images", "vectors computed but "
+                                      "not stored (store unavailable); their requests were "
+                                      "answered", registry=r)
+        self.store_errors = Counter("imgrec_store_errors", "failed embedding-store calls, by "
+                                    "operation (put, get, count, open, probe)", ["op"],
+                                    registry=r)
+        self.store_outages = Counter("imgrec_store_outages", "embedding-store outages begun",
+                                     registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -23,7 +24,8 @@ from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFul
 from app.serving.images import ImageError, prepare
 from app.serving.metrics import Metrics
 from app.serving.predictor import Prediction, Predictor
-from app.serving.store import EmbeddingStore, open_store
+from app.serving.store import open_store
+from app.serving.store_guard import GuardedStore, StoreUnavailable
 from app.settings import Settings
 
 log = logging.getLogger("imgrec.service")
@@ -41,6 +43,11 @@ class ServiceError(Exception):
 class ImageResult:
     id: str
     prediction: Prediction
+    stored: bool = False  # its vector reached the embedding store (False during an outage)
+
+
+# what the batcher carries per image: (image id, pixels, store key)
+Job = tuple[str, bytes, str]
 
 
 def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[str, bytes, float]:
@@ -55,8 +62,8 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.predictor: Predictor | None = None
-        self.batcher: MicroBatcher[tuple[str, bytes], Prediction] | None = None
-        self.store: EmbeddingStore | None = None
+        self.batcher: MicroBatcher[Job, ImageResult] | None = None
+        self.store: GuardedStore | None = None
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                                thread_name_prefix="decode")
         self.ready = False
@@ -66,7 +73,11 @@ class Service:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        self.store = await asyncio.to_thread(open_store, s.embed_store, s.embed_store_max_items)
+        self.store = GuardedStore(
+            partial(open_store, s.embed_store, s.embed_store_max_items, s.embed_store_timeout_s),
+            self.metrics, backoff_min_s=s.embed_store_backoff_min_s,
+            backoff_max_s=s.embed_store_backoff_max_s)
+        await asyncio.to_thread(self.store.start)
         self.predictor = await asyncio.to_thread(
             Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, s.engine)
         self.batcher = MicroBatcher(
@@ -101,30 +112,48 @@ class Service:
         log.info("stopped: every accepted image answered")
 
     # -- work ----------------------------------------------------------------------------------
-    def _forward(self, items: list[tuple[str, bytes]]) -> list[Prediction]:
+    def store_key(self, namespace: str | None) -> str:
+        """The embedding store's key for this model and caller: vectors of another model, or
+        of another API key's namespace, are never found under it."""
+        assert self.predictor is not None
+        key = self.predictor.model_key
+        return key if namespace is None else f"{key}:{namespace}"
+
+    def _forward(self, items: list[Job]) -> list[ImageResult]:
         """On the inference thread."""
         assert self.predictor is not None
-        return self.predictor.forward([pixels for _, pixels in items])
+        predictions = self.predictor.forward([pixels for _, pixels, _ in items])
+        return [ImageResult(image_id, p)
+                for (image_id, _, _), p in zip(items, predictions, strict=True)]
 
-    def _keep(self, items: list[tuple[str, bytes]], predictions: Sequence[Prediction]) -> None:
+    def _keep(self, items: list[Job], results: Sequence[ImageResult]) -> None:
         """On the batcher's finish thread, while the next batch computes: every vector goes to
-        the store before its request is answered, so a GET /embed right after finds it."""
-        assert self.predictor is not None and self.store is not None
-        started = time.perf_counter()
-        self.store.put_many(self.predictor.model_key,
-                            [(image_id, p.embedding)
-                             for (image_id, _), p in zip(items, predictions, strict=True)])
-        self.metrics.store_write_seconds.observe(time.perf_counter() - started)
+        the store before its request is answered, so a GET /embed right after finds it. A
+        store outage only marks the results as not stored (the guard never raises)."""
+        assert self.store is not None
+        by_key: dict[str, list[ImageResult]] = {}
+        for (_, _, key), r in zip(items, results, strict=True):
+            by_key.setdefault(key, []).append(r)
+        for key, group in by_key.items():
+            started = time.perf_counter()
+            stored = self.store.put_many(key, [(r.id, r.prediction.embedding) for r in group])
+            if stored:
+                self.metrics.store_write_seconds.observe(time.perf_counter() - started)
+            for r in group:
+                r.stored = stored
 
     def _refusal(self, reason: str, code: str, message: str) -> ServiceError:
         self.metrics.rejections.labels(reason).inc()
         return ServiceError(503, code, message, retry_after=self.settings.retry_after_s)
 
-    async def infer(self, uploads: list[bytes]) -> list[ImageResult]:
-        """Decode in parallel off the loop, queue all images at once, await their results."""
+    async def infer(self, uploads: list[bytes], namespace: str | None = None
+                    ) -> list[ImageResult]:
+        """Decode in parallel off the loop, queue all images at once, await their results.
+        Their vectors are stored under ``store_key(namespace)``."""
         if self.draining or self.batcher is None or self.predictor is None:
             raise self._refusal("not_ready", "not_ready", "the service is not ready "
                                 "(warming up or shutting down)")
+        key = self.store_key(namespace)
         loop = asyncio.get_running_loop()
         spec, max_pixels = self.predictor.card.input, self.settings.max_image_pixels
         jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec, max_pixels)
@@ -142,14 +171,14 @@ class Service:
             self.metrics.decode_seconds.observe(seconds)
         try:
             futures = self.batcher.submit_many(
-                [(image_id, pixels) for image_id, pixels, _ in prepared],
+                [(image_id, pixels, key) for image_id, pixels, _ in prepared],
                 self.settings.request_timeout_ms / 1000.0)
         except QueueFull as e:
             raise self._refusal("queue_full", "overloaded", f"{e}; retry later") from None
         except Closed as e:
             raise self._refusal("shutting_down", "shutting_down", str(e)) from None
         try:
-            predictions = await asyncio.gather(*futures)
+            results = await asyncio.gather(*futures)
         except DeadlineExceeded as e:
             for f in futures:  # the rest of this request is no longer wanted
                 f.cancel()
@@ -160,9 +189,16 @@ class Service:
                 f.cancel()
             log.exception("inference failed")
             raise ServiceError(500, "inference_failed", f"inference failed: {e}") from None
-        return [ImageResult(p[0], pred) for p, pred in zip(prepared, predictions, strict=True)]
+        return list(results)
 
-    async def lookup(self, ids: list[str]) -> dict[str, np.ndarray]:
+    async def lookup(self, ids: list[str], namespace: str | None = None
+                     ) -> dict[str, np.ndarray]:
+        """The vectors stored under ``store_key(namespace)`` for these ids (unknown ones are
+        absent); 503 while the store is down."""
         if self.store is None or self.predictor is None:
             raise self._refusal("not_ready", "not_ready", "the service is not ready")
-        return await asyncio.to_thread(self.store.get_many, self.predictor.model_key, ids)
+        try:
+            return await asyncio.to_thread(self.store.get_many, self.store_key(namespace), ids)
+        except StoreUnavailable:
+            raise self._refusal("store_unavailable", "store_unavailable",
+                                "the embedding store is unavailable; retry later") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ class EmbeddingStore(Protocol):
 
     def count(self) -> int:
         """Number of vectors held (all models)."""
+
+    def ping(self) -> None:
+        """Raise unless the store can take a write now (the outage probe, store_guard.py)."""
 
     def close(self) -> None: ...
 
@@ -61,6 +65,9 @@ class MemoryStore:
     def count(self) -> int:
         return len(self._data)
 
+    def ping(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -68,12 +75,14 @@ class MemoryStore:
 class SQLiteStore:
     """A bounded table in one SQLite file (WAL): survives restarts, oldest entries evicted."""
 
-    def __init__(self, path: str | Path, max_items: int) -> None:
+    def __init__(self, path: str | Path, max_items: int, timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_items = max_items
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        # timeout_s: how long a write waits for another process's lock before it fails
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                   timeout=timeout_s)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
@@ -82,6 +91,8 @@ class SQLiteStore:
             " model TEXT NOT NULL, id TEXT NOT NULL, vector BLOB NOT NULL,"
             " UNIQUE (model, id))"
         )
+        # one row rewritten by ping(): a committed write, the only true test of a full disk
+        self._db.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
 
     def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
         if not items:
@@ -98,7 +109,9 @@ class SQLiteStore:
                     (self.max_items,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (SQLITE_FULL, for one)
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
@@ -115,18 +128,23 @@ class SQLiteStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
 
+    def ping(self) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def open_store(url: str, max_items: int) -> EmbeddingStore:
-    """'memory', 'redis://...' / 'rediss://...', or a SQLite file path ('sqlite:///p' too)."""
+def open_store(url: str, max_items: int, timeout_s: float = 5.0) -> EmbeddingStore:
+    """'memory', 'redis://...' / 'rediss://...', or a SQLite file path ('sqlite:///p' too).
+    timeout_s bounds one call's wait on the network (Redis) or on another's lock (SQLite)."""
     if url == "memory":
         return MemoryStore(max_items)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from app.serving.store_redis import RedisStore
 
-        return RedisStore(url, max_items)
+        return RedisStore(url, max_items, timeout_s=timeout_s)
     path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
-    return SQLiteStore(path, max_items)
+    return SQLiteStore(path, max_items, timeout_s=timeout_s)

@@ -60,13 +60,17 @@ class RedisStore:
         tag = "{" + prefix + "}"
         self._keys = [f"{tag}:vec", f"{tag}:order", f"{tag}:seq"]
         # A connection pool makes one client safe to share between the service's worker
-        # threads. Retries ride out a Redis restart or fail-over blip; re-running the put script
-        # is harmless (it only stores the same vectors again).
+        # threads. Two quick retries on a broken connection ride out a Redis restart (the
+        # pooled sockets are dead, a fresh one works) or a fail-over blip; re-running the put
+        # script is harmless (it only stores the same vectors again). A timeout is not
+        # retried: that would multiply the wait of a hung Redis. Longer outages are the
+        # circuit breaker's business (store_guard.py), which stops calling and probes.
         self._redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2,
+                        supported_errors=(redis.ConnectionError,)),
+            retry_on_error=[redis.ConnectionError])
         self._put = self._redis.register_script(_PUT_SCRIPT)
         # Fail at start-up, not at the first request, when Redis is unreachable.
         self._redis.ping()
@@ -89,6 +93,9 @@ class RedisStore:
 
     def count(self) -> int:
         return int(self._redis.zcard(self._keys[1]))
+
+    def ping(self) -> None:
+        self._redis.ping()
 
     def close(self) -> None:
         self._redis.close()
