@@ -130,10 +130,11 @@ def port_open(port: int) -> bool:
         return False
 
 
-def start_redis(tmp: Path, timeout_s: float = 20.0) -> tuple[Daemon, str]:
-    """redis-server on a free loopback port with its files in tmp; returns (daemon, url)."""
+def start_redis(tmp: Path, timeout_s: float = 20.0, port: int = 0) -> tuple[Daemon, str]:
+    """redis-server on a loopback port (free, unless given: a restart on the same port) with its
+    files in tmp; returns (daemon, url)."""
     binary = require_binary("redis-server")
-    port = free_port()
+    port = port or free_port()
     data = tmp / "redis"
     data.mkdir(parents=True, exist_ok=True)
     d = Daemon("redis", [binary, "--bind", LOOPBACK, "--port", str(port), "--dir", str(data),

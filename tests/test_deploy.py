@@ -12,7 +12,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,12 +41,16 @@ UPSTREAM_LINE = re.compile(r"^(?P<indent>[ \t]*)server api:8000(?P<params>[^;\n]
 LISTEN_LINE = re.compile(r"^(?P<indent>[ \t]*)listen 8080;[ \t]*$", re.MULTILINE)
 
 
-def render_nginx_conf(tmp: Path, upstream_ports: list[int], listen_port: int) -> Path:
+def render_nginx_conf(tmp: Path, upstream_ports: list[int], listen_port: int,
+                      edit: Callable[[str], str] | None = None) -> Path:
     """deploy/nginx.conf with loopback upstreams and listen port, temp files under tmp.
 
     Only the two marked lines change (with the same server parameters: max_fails, fail_timeout),
-    plus temp paths, because the compiled-in ones (/var/lib/nginx) need root."""
+    plus temp paths, because the compiled-in ones (/var/lib/nginx) need root; and what `edit`
+    changes, if given."""
     text = NGINX_CONF.read_text()
+    if edit is not None:
+        text = edit(text)
     assert len(UPSTREAM_LINE.findall(text)) == 1, "deploy/nginx.conf: `server api:8000` line"
     assert len(LISTEN_LINE.findall(text)) == 1, "deploy/nginx.conf: `listen 8080;` line"
 
@@ -65,12 +69,13 @@ def render_nginx_conf(tmp: Path, upstream_ports: list[int], listen_port: int) ->
     return out
 
 
-def start_nginx(tmp: Path, upstream_ports: list[int]) -> tuple[Daemon, int]:
+def start_nginx(tmp: Path, upstream_ports: list[int],
+                edit: Callable[[str], str] | None = None) -> tuple[Daemon, int]:
     binary = require_binary("nginx")
     port = 0
     for _ in range(5):  # another process may take the free port before nginx binds it
         port = free_port()
-        conf = render_nginx_conf(tmp, upstream_ports, port)
+        conf = render_nginx_conf(tmp, upstream_ports, port, edit)
         # As root, the workers would otherwise run as `nobody`, who cannot enter pytest's
         # 0700 tmp dirs; as non-root the directive is ignored with a notice.
         user = " user root;" if os.geteuid() == 0 else ""
@@ -214,6 +219,44 @@ def test_body_limit_matches_the_service(cluster: Cluster) -> None:
                         headers={"Content-Type": "multipart/form-data; boundary=x"})
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "too_large"
+
+
+def slow_rate_limits(text: str) -> str:
+    """The shipped limits (100 r/s per client, 400 per address) at 2 r/s, bursts of 5 and 15,
+    so that a test reaches them in a few dozen requests."""
+    rates = {"imgrec_per_client": ("2r/s", 5), "imgrec_per_address": ("2r/s", 15)}
+    for zone, (rate, burst) in rates.items():
+        text, n = re.subn(rf"(zone={zone}:\S+ rate=)\S+;", rf"\g<1>{rate};", text)
+        text, m = re.subn(rf"(limit_req zone={zone} burst=)\d+", rf"\g<1>{burst}", text)
+        assert n == m == 1, f"deploy/nginx.conf: the {zone} limit"
+    return text
+
+
+def test_rate_limit_per_client(cluster: Cluster, tmp_path: Path) -> None:
+    """A client over its rate gets 429 with a JSON error and Retry-After; another key from the
+    same address is served meanwhile; made-up keys still meet the per-address limit."""
+    cluster.ensure_all_up()
+    nginx, port = start_nginx(tmp_path, [r.port for r in cluster.replicas], slow_rate_limits)
+    url = f"http://{LOOPBACK}:{port}/healthz"
+    try:
+        with httpx.Client(timeout=30) as client:
+            a = [client.get(url, headers={"Authorization": "Bearer key-a-0123456789abcdef"})
+                 for _ in range(15)]
+            codes = [r.status_code for r in a]
+            assert codes[:5] == [200] * 5 and 429 in codes, codes
+            refused = next(r for r in a if r.status_code == 429)
+            assert refused.json()["error"]["code"] == "rate_limited"
+            assert refused.headers["retry-after"] == "1"
+            assert "key-a" not in refused.text
+            # another client (key) from the same address is not held back by A's excess
+            assert [client.get(url, headers={"Authorization": "Bearer key-b-0123456789ab"}
+                               ).status_code for _ in range(3)] == [200] * 3
+            # a new key per request: each is a fresh client, but the address has its limit
+            made_up = [client.get(url, headers={"Authorization": f"Bearer made-up-{i:020d}"}
+                                  ).status_code for i in range(25)]
+            assert made_up[0] == 200 and 429 in made_up, made_up
+    finally:
+        nginx.stop()
 
 
 # Last in the file: it kills a replica (later tests would restart it via ensure_all_up).
