@@ -145,8 +145,9 @@ def start_redis(tmp: Path, timeout_s: float = 20.0, port: int = 0) -> tuple[Daem
 
 
 def start_replica(name: str, tmp: Path, model_dir: Path, extra_env: Mapping[str, str],
-                  port: int = 0, timeout_s: float = 60.0) -> tuple[Daemon, int]:
-    """`imgrec serve` on a loopback port (free, unless given); returns once /readyz is 200."""
+                  port: int = 0, timeout_s: float = 180.0) -> tuple[Daemon, int]:
+    """`imgrec serve` on a loopback port (free, unless given); returns once /readyz is 200.
+    (Start-up exports the network to ONNX: on a busy 2-core machine that took over 60 s.)"""
     port = port or free_port()
     env = dict(os.environ)
     env.update({"IMGREC_MODEL_DIR": str(model_dir), "IMGREC_DEVICE": "cpu",

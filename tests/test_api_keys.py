@@ -213,7 +213,7 @@ def test_sighup_reloads_the_keys_of_a_running_server(tiny_model_dir: Path,
     daemon, port = start_replica("imgrec", tmp_path, tiny_model_dir,
                                  {"IMGREC_API_KEYS_FILE": str(keys),
                                   "IMGREC_EMBED_STORE": "memory",
-                                  "IMGREC_WARMUP_BATCHES": "1"}, timeout_s=240)
+                                  "IMGREC_WARMUP_BATCHES": "1"})
     base = f"http://{LOOPBACK}:{port}"
 
     def status(key: str) -> int:

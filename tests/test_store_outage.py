@@ -205,8 +205,7 @@ def test_redis_killed_and_restarted_under_load(tiny_model_dir: Path, tmp_path: P
     replica, api_port = start_replica(
         "imgrec", tmp_path, tiny_model_dir,
         {"IMGREC_EMBED_STORE": url, "IMGREC_WARMUP_BATCHES": "1",
-         "IMGREC_EMBED_STORE_BACKOFF_MIN_S": "0.1", "IMGREC_EMBED_STORE_BACKOFF_MAX_S": "0.5"},
-        timeout_s=240)
+         "IMGREC_EMBED_STORE_BACKOFF_MIN_S": "0.1", "IMGREC_EMBED_STORE_BACKOFF_MAX_S": "0.5"})
     daemons.append(replica)
     base = f"http://{LOOPBACK}:{api_port}"
     lock = threading.Lock()
