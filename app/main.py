@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.api import web
 from app.api.auth import ApiKeyMiddleware, KeyRing
 from app.api.errors import install_error_handlers
 from app.api.fastpath import FastPathMiddleware
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = keys  # also for other protocols' servers (gRPC metadata)
     app.include_router(router)
+    app.include_router(web.router)  # the page at /, its assets, the model card's plots
     install_error_handlers(app)
     add_documentation(app, api_keys=keys is not None)
     # measured: 1.1k -> 1.4k req/s at concurrency 64, 1.09 -> 0.89 ms CPU per request
