@@ -51,15 +51,24 @@ CHROMIUM_FLAGS = (
 
 # ---- the server, the browser, the images -------------------------------------------------------
 
+# With API keys configured, /predict and /search answer 401 without one: the module's server
+# has them, so the page is tested as it works behind keys (the page fixture gives it the key).
+KEY = "page-test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`imgrec serve` of the shipped model on a free loopback port; its base URL."""
+    """`imgrec serve` of the shipped model on a free loopback port, API keys on; its base URL."""
     tmp = tmp_path_factory.mktemp("web-server")
     port = free_port()
+    keys = tmp / "keys"
+    keys.write_text(f"{KEY}  # the page tests\n")
     env = {**os.environ, "IMGREC_MODEL_DIR": str(SHIPPED), "IMGREC_DEVICE": "cpu",
            "IMGREC_HOST": LOOPBACK, "IMGREC_PORT": str(port), "IMGREC_EMBED_STORE": "memory",
            "IMGREC_TORCH_THREADS": "1", "IMGREC_DECODE_THREADS": "1",
-           "IMGREC_GRACEFUL_SHUTDOWN_S": "5", "IMGREC_LOG_LEVEL": "warning"}
+           "IMGREC_GRACEFUL_SHUTDOWN_S": "5", "IMGREC_LOG_LEVEL": "warning",
+           "IMGREC_API_KEYS_FILE": str(keys)}
     d = Daemon("imgrec", [venv_binary("imgrec"), "serve"], tmp, env=env, cwd=tmp)
     url = f"http://{LOOPBACK}:{port}"
     try:
@@ -111,6 +120,7 @@ def page(browser: Any, server: str) -> Any:
     browser.get_log("browser")
     browser.get_log("performance")
     browser.get(server + "/")
+    browser.execute_script("sessionStorage.setItem('imgrec.apiKey', arguments[0])", KEY)
     wait_for(browser, lambda d: d.execute_script(
         "return document.querySelector('#state-text').textContent") == "ready", "ready state")
     wait_for(browser, lambda d: d.find_elements("css selector", "#card-facts dt"), "model card")
@@ -143,7 +153,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def predict(server: str, path: Path) -> httpx.Response:
-    return httpx.post(server + "/predict?top_k=5",
+    return httpx.post(server + "/predict?top_k=5", headers=AUTH,
                       files=[("file", (path.name, path.read_bytes()))], timeout=WAIT_S)
 
 
@@ -204,7 +214,7 @@ def test_page_loads_without_console_errors_and_only_same_origin_requests(
     foreign = [u for u in urls if not (u.startswith(server + "/") or u.startswith("blob:"))]
     assert foreign == [], foreign
     paths = {u.removeprefix(server) for u in urls}
-    assert {"/", "/web/app.js", "/web/app.css", "/model", "/readyz", "/metrics",
+    assert {"/", "/static/app.js", "/static/app.css", "/model", "/readyz", "/metrics",
             "/model/files", "/model/files/curves.png", "/model/files/confusion.png"} <= paths
 
     card = json.loads(httpx.get(server + "/model").text)
@@ -267,7 +277,8 @@ def test_a_bad_file_shows_the_services_error_and_the_page_keeps_working(
     upload(page, bad)
     shown = wait_for(page, lambda d: settled(d, 1), "the error")[0]
     page.save_screenshot(str(shots / "04-bad-file.png"))
-    service = httpx.post(server + "/predict", files=[("file", (bad.name, bad.read_bytes()))])
+    service = httpx.post(server + "/predict", headers=AUTH,
+                         files=[("file", (bad.name, bad.read_bytes()))])
     assert service.status_code == 415
     assert shown["status"] == "failed" and shown["labels"] == []
     assert shown["error"].startswith(service.json()["error"]["message"])
@@ -280,6 +291,34 @@ def test_a_bad_file_shows_the_services_error_and_the_page_keeps_working(
     assert [r["status"] for r in shown] == ["failed", "done"]
     top = predict(server, good).json()["results"][0]["labels"][0]
     assert shown[1]["labels"][0] == [top["label"], shown_pct(top["score"])]
+
+
+def test_a_401_asks_for_the_key_and_the_upload_is_sent_again_with_it(
+        page: Any, server: str, images: dict[str, Path], shots: Path) -> None:
+    page.execute_script("sessionStorage.clear()")
+    upload(page, images["Shirt"])
+    shown = wait_for(page, lambda d: settled(d, 1), "the refusal")[0]
+    refused = httpx.post(server + "/predict", files=[("file", ("x.png", b"x"))])
+    assert refused.status_code == 401
+    assert shown["status"] == "failed" and shown["error"].startswith(
+        refused.json()["error"]["message"])
+    key_field = page.find_element("id", "key")
+    assert key_field.is_displayed() and page.switch_to.active_element == key_field
+    page.save_screenshot(str(shots / "07-key-asked.png"))
+
+    key_field.send_keys("not-the-right-key-at-all", "\ue007")  # Enter submits the form
+    shown = wait_for(page, lambda d: (r := settled(d, 1)) and "not valid" in (r[0]["error"] or "")
+                     and r, "the wrong key refused")[0]
+    assert shown["status"] == "failed" and page.find_element("id", "key").is_displayed()
+
+    page.find_element("id", "key").send_keys(KEY, "\ue007")
+    shown = wait_for(page, lambda d: (r := settled(d, 1)) and r[0]["status"] == "done" and r,
+                     "the answer with the key")[0]
+    page.save_screenshot(str(shots / "08-key-given.png"))
+    top = predict(server, images["Shirt"]).json()["results"][0]["labels"][0]
+    assert shown["labels"][0] == [top["label"], shown_pct(top["score"])]
+    assert page.execute_script("return sessionStorage.getItem('imgrec.apiKey')") == KEY
+    assert not page.find_element("id", "key-form").is_displayed()
 
 
 def test_phone_width_has_no_horizontal_scroll(
@@ -333,8 +372,8 @@ REFUSED = [
     "/model/files/curves.png%00", "/model/files/curves.png/../card.json",
     "/model/files/.%2fcurves.png",
     # the page's own folder holds only the listed assets
-    "/web/index.html", "/web/../api/web.py", "/web/..%2fapi%2fweb.py", "/web/%2e%2e%2fmain.py",
-    "/web/app.js%00", "/web/", "/web/.%2fapp.js",
+    "/static/index.html", "/static/../api/web.py", "/static/..%2fapi%2fweb.py",
+    "/static/%2e%2e%2fmain.py", "/static/app.js%00", "/static/", "/static/.%2fapp.js",
 ]
 
 
@@ -354,8 +393,9 @@ def test_the_file_routes_serve_their_allow_lists(server: str) -> None:
         assert body == (SHIPPED / name).read_bytes()
     assert httpx.get(server + "/model/files").json() == {"files": [
         {"name": n, "title": t, "url": f"/model/files/{n}"} for n, t in CARD_FILES.items()]}
-    for path, ctype in [("/", "text/html"), ("/web/app.js", "text/javascript"),
-                        ("/web/app.css", "text/css"), ("/web/icon.svg", "image/svg+xml")]:
+    for path, ctype in [("/", "text/html"), ("/static/app.js", "text/javascript"),
+                        ("/static/app.css", "text/css"),
+                        ("/static/icon.svg", "image/svg+xml")]:
         r = httpx.get(server + path)
         assert r.status_code == 200 and r.headers["content-type"].startswith(ctype)
         assert "default-src 'none'" in r.headers["content-security-policy"]
@@ -373,6 +413,6 @@ def test_a_model_directory_without_plots_lists_none(tiny_model_dir: Path) -> Non
 
 def test_only_the_card_files_are_in_the_schema(server: str) -> None:
     paths = httpx.get(server + "/openapi.json").json()["paths"]
-    assert "/" not in paths and not any(p.startswith("/web") for p in paths)
+    assert "/" not in paths and not any(p.startswith("/static") for p in paths)
     card_file = paths["/model/files/{name}"]["get"]["responses"]
     assert set(card_file) >= {"200", "404"} and "image/png" in card_file["200"]["content"]

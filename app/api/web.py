@@ -20,7 +20,7 @@ from app.api.errors import ApiError, JSONBytes
 router = APIRouter()
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
-# name under /web/ -> media type; the page itself is served at /
+# name under /static/ -> media type; the page itself is served at /
 ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
@@ -71,7 +71,7 @@ async def page(request: Request) -> Response:
     return _serve(request, _asset("index.html", "text/html; charset=utf-8"))
 
 
-@router.get("/web/{name}", include_in_schema=False)
+@router.get("/static/{name}", include_in_schema=False)
 async def web_asset(request: Request, name: str) -> Response:
     media_type = ASSETS.get(name)
     if media_type is None:

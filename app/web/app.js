@@ -211,7 +211,7 @@ async function predict(entry) {
 async function search(entry) {
   const form = new FormData();
   form.append("file", entry.file, entry.file.name);
-  const r = await call(`/search?k=${NEIGHBORS + 1}`, { method: "POST", body: form });
+  const r = await call(`/search?k=${NEIGHBORS}`, { method: "POST", body: form });
   if ((r.status === 404 || r.status === 405) && state.search !== "yes") {
     state.search = "no";  // this server has no /search (an older or a trimmed imgrec)
     return;
@@ -221,8 +221,8 @@ async function search(entry) {
   } else {
     state.search = "yes";
     const mine = r.data.results && r.data.results[0];
-    // the upload itself is stored too: leave out its own id
-    entry.neighbors = ((mine && mine.neighbors) || []).filter(n => n.id !== entry.result.id).slice(0, NEIGHBORS);
+    // /search never answers the query image itself; a server that did is filtered here
+    entry.neighbors = ((mine && mine.neighbors) || []).filter(n => n.id !== entry.result.id);
   }
   render(entry);
 }
