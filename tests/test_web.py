@@ -7,6 +7,7 @@ Every state the browser reaches is saved as a screenshot under pytest's temporar
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -295,6 +296,8 @@ def test_a_bad_file_shows_the_services_error_and_the_page_keeps_working(
 
 def test_a_401_asks_for_the_key_and_the_upload_is_sent_again_with_it(
         page: Any, server: str, images: dict[str, Path], shots: Path) -> None:
+    if "api_keys_file" not in Settings.model_fields:
+        pytest.skip("this imgrec has no API keys yet (IMGREC_API_KEYS_FILE)")
     page.execute_script("sessionStorage.clear()")
     upload(page, images["Shirt"])
     shown = wait_for(page, lambda d: settled(d, 1), "the refusal")[0]
@@ -334,6 +337,49 @@ def test_phone_width_has_no_horizontal_scroll(
         "return [innerWidth, document.scrollingElement.scrollWidth]")
     assert width == 390
     assert scroll <= width
+
+
+def neighbors_shown(driver: Any) -> list[list[dict[str, Any]]]:
+    """Each upload's nearest stored images as the page lists them, oldest upload first."""
+    return list(reversed(driver.execute_script("""
+        return [...document.querySelectorAll('#results > li')].map(li =>
+          li.querySelector('.neighbors').hidden ? null :
+          [...li.querySelectorAll('.neighbors li[title]')].map(n => ({
+            id: n.title,
+            thumb: n.querySelector('img.thumb') ? n.querySelector('img.thumb').src : null,
+            text: n.querySelector('.score').textContent,
+          })));""")))
+
+
+def test_search_shows_the_nearest_stored_images(
+        page: Any, server: str, images: dict[str, Path], shots: Path) -> None:
+    if "/search" not in httpx.get(server + "/openapi.json").json()["paths"]:
+        pytest.skip("this server has no /search: test_without_search_the_page_never_asks_for_it")
+    # stored by another client: the page knows only its filename
+    elsewhere = images["Sneaker"]
+    httpx.post(server + "/embed", headers=AUTH, timeout=WAIT_S, files=[
+        ("file", ("stored-elsewhere.png", elsewhere.read_bytes()))]).raise_for_status()
+    first, second = images["Sandal"], images["Ankle boot"]
+    upload(page, first)
+    wait_for(page, lambda d: (n := neighbors_shown(d)) and n[0] is not None, "first neighbours")
+    upload(page, second)
+    wait_for(page, lambda d: len(n := neighbors_shown(d)) == 2 and n[1] is not None,
+             "second neighbours")
+    page.save_screenshot(str(shots / "09-neighbours.png"))
+    shown = neighbors_shown(page)[1]
+    expected = httpx.post(server + "/search?k=5", headers=AUTH, timeout=WAIT_S, files=[
+        ("file", (second.name, second.read_bytes()))]).json()["results"][0]["neighbors"]
+    assert [n["id"] for n in shown] == [n["id"] for n in expected]
+    by_id = {n["id"]: n for n in shown}
+    first_id = hashlib.sha256(first.read_bytes()).hexdigest()
+    first_preview = page.execute_script(
+        "return [...document.querySelectorAll('#results > li .preview')].at(-1).src")
+    assert by_id[first_id]["thumb"] == first_preview  # this tab's upload: its own thumbnail
+    elsewhere_id = hashlib.sha256(elsewhere.read_bytes()).hexdigest()
+    assert by_id[elsewhere_id]["thumb"] is None
+    assert by_id[elsewhere_id]["text"].startswith("stored-elsewhere.png · ")
+    for n, e in zip(shown, expected, strict=True):
+        assert n["text"].endswith(f" · {e['score']:.3f}")
 
 
 def test_without_search_the_page_never_asks_for_it(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
 from starlette.responses import FileResponse
 
 from app.api.errors import ApiError, JSONBytes
@@ -40,8 +41,24 @@ PAGE_HEADERS = {
     # revalidate every time (cheap: ETag), so a new release's page is never mixed with old JS
     "Cache-Control": "no-cache",
 }
+ERROR_BODY: dict[str, Any] = {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"],
+                             "properties": {"code": {"type": "string"},
+                                            "message": {"type": "string"}}}}}}}
 NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {
-    404: {"description": "not an allow-listed name, or the model directory lacks that file"}}
+    404: {"description": "not an allow-listed name, or the model directory lacks that file",
+          "content": ERROR_BODY}}
+
+
+class CardFile(BaseModel):
+    name: str = Field(description="one of: " + ", ".join(CARD_FILES))
+    title: str
+    url: str = Field(description="where GET serves it (image/png)")
+
+
+class CardFiles(BaseModel):
+    files: list[CardFile] = Field(description="the plots the served model directory has")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +101,8 @@ def _model_dir(request: Request) -> Path:
     return model_dir
 
 
-@router.get("/model/files", summary="The model card's plots that the served model directory has",
-            responses={200: {"content": {"application/json": {"example": {"files": [
-                {"name": "curves.png", "title": "Training curves",
-                 "url": "/model/files/curves.png"}]}}}}})
+@router.get("/model/files", response_model=CardFiles,
+            summary="The model card's plots that the served model directory has")
 async def card_files(request: Request) -> JSONBytes:
     model_dir = _model_dir(request)
     return JSONBytes({"files": [

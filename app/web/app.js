@@ -301,7 +301,7 @@ function renderAll() { for (const e of state.entries) render(e); }
 
 function askForKey(message) {
   const form = $("#key-form");
-  $("#key-why").textContent = "This service needs an API key: " + message;
+  $("#key-why").textContent = message;  // the service's own words: key missing or not valid
   if (form.hidden) {
     form.hidden = false;
     $("#key").focus();
