@@ -289,7 +289,12 @@ function renderNeighbors(entry) {
     const name = n.filename || n.id.slice(0, 12) + "…";
     const item = el("li", { title: n.id });
     if (url) item.append(el("img", { src: url, alt: name, className: "thumb" }));
-    else item.append(el("span", { className: "thumb none", textContent: name }));
+    else {
+      // stored by another client or an earlier visit: this tab has only its filename
+      const none = el("span", { className: "thumb none", textContent: "no preview" });
+      none.setAttribute("aria-hidden", "true");
+      item.append(none);
+    }
     item.append(el("span", { className: "score", textContent: `${name} · ${n.score.toFixed(3)}` }));
     list.append(item);
   }
