@@ -296,8 +296,6 @@ def test_a_bad_file_shows_the_services_error_and_the_page_keeps_working(
 
 def test_a_401_asks_for_the_key_and_the_upload_is_sent_again_with_it(
         page: Any, server: str, images: dict[str, Path], shots: Path) -> None:
-    if "api_keys_file" not in Settings.model_fields:
-        pytest.skip("this imgrec has no API keys yet (IMGREC_API_KEYS_FILE)")
     page.execute_script("sessionStorage.clear()")
     upload(page, images["Shirt"])
     shown = wait_for(page, lambda d: settled(d, 1), "the refusal")[0]
