@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     graceful_shutdown_s: float = Field(30.0, gt=0, description="time to answer accepted work "
                                        "on shutdown")
+    # shutdown and connection limits (app/serving/server.py)
+    drain_delay_s: float = Field(2.0, ge=0, description="lame duck after SIGTERM: readiness "
+                                 "503 while requests are still served, with Connection: close")
+    header_timeout_s: float = Field(10.0, gt=0, description="request line and headers must "
+                                    "arrive within this (from the connect, or the request's "
+                                    "first byte on a reused connection); else 408")
+    body_timeout_s: float = Field(60.0, gt=0, description="the request body must arrive within "
+                                  "this after its headers; else 408")
+    max_connections: int = Field(1000, ge=1, description="open connections; a new one beyond "
+                                 "it is answered 503 + Retry-After at once")
     log_level: str = Field("info", description="uvicorn log level")
     access_log: bool = Field(False, description="uvicorn access log (costs CPU per request)")
 

@@ -429,7 +429,7 @@ async def test_fast_path_serves_predict_and_embed_without_the_router() -> None:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     class NotReady:
-        draining, ready, predictor = True, False, None
+        draining, ready, serving, predictor = True, False, False, None
 
         class settings:
             retry_after_s = 1

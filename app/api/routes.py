@@ -50,7 +50,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 async def _infer(request: Request, service: Service) -> tuple[list[str | None], list[ImageResult]]:
     s = service.settings
-    if service.draining or not service.ready:
+    if not service.serving:  # a draining service still serves (the lame duck)
         raise ApiError(503, "not_ready", "the service is not ready (warming up or shutting down)",
                        {"Retry-After": str(s.retry_after_s)})
     uploads = await read_uploads(request, s.max_upload_bytes, s.max_files)

@@ -5,28 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from types import FrameType
+import resource
 
 import uvicorn
-from fastapi import FastAPI
 
+from app.serving.server import ConnectionLimits, DrainingServer, ImgrecHttpProtocol
 from app.settings import Settings
-
-
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, turn readiness off and refuse new work before uvicorn stops
-    accepting connections; uvicorn then finishes in-flight requests and runs the lifespan
-    shutdown, which answers everything the batcher still holds."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self.imgrec_app = app
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        service = getattr(self.imgrec_app.state, "service", None)
-        if service is not None:
-            service.begin_drain()
-        super().handle_exit(sig, frame)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -52,10 +36,32 @@ def serve_main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, workers=1,
-        log_level=settings.log_level, access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s), lifespan="on",
-        loop="uvloop", http="httptools", backlog=2048,
+        log_level=settings.log_level, access_log=settings.access_log, lifespan="on",
+        loop="uvloop", http=ImgrecHttpProtocol, ws="none", backlog=2048,
         proxy_headers=False,  # client addresses are never used; one middleware less per request
     )
-    DrainingServer(config, app).run()
+    limits = ConnectionLimits(settings.header_timeout_s, settings.body_timeout_s,
+                              settings.max_connections, settings.retry_after_s)
+    _check_descriptor_limit(settings.max_connections)
+
+    def begin_drain() -> None:  # SIGTERM/SIGINT: readiness 503 at once
+        service = getattr(app.state, "service", None)
+        if service is not None:
+            service.begin_drain()
+
+    DrainingServer(config, limits, settings.drain_delay_s, settings.graceful_shutdown_s,
+                   begin_drain).run()
     return 0
+
+
+def _check_descriptor_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: raise the soft limit to what the cap needs (as far
+    as the hard limit allows), so that the cap, not EMFILE, is what a flood runs into."""
+    needed = max_connections + 256  # the backlog accepted at shutdown, the store, libraries
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            logging.getLogger("imgrec").warning(
+                "open-file limit %d is below IMGREC_MAX_CONNECTIONS + 256 (%d)", target, needed)

@@ -1,8 +1,9 @@
 """The serving core the routes talk to: decode pool -> micro-batcher -> predictor -> store.
 
 Lifecycle: ``start()`` opens the store, loads the model onto its device, runs the warm-up and
-only then reports ready; ``begin_drain()`` turns readiness off and refuses new work;
-``stop()`` answers everything already accepted, then ends the worker and closes the store.
+only then reports ready; ``begin_drain()`` turns readiness off while requests are still served
+(the lame duck of a SIGTERM); ``stop()`` refuses new work, answers everything already accepted,
+then ends the worker and closes the store.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Service:
                                                thread_name_prefix="decode")
         self.ready = False
         self.draining = False
+        self.serving = False  # from ready until stop(); draining does not end it
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class Service:
         # p99 = 10x p50). Freezing moves them out of the collector's view.
         gc.collect()
         gc.freeze()
-        self.ready = True
+        self.ready = self.serving = True
         self.metrics.ready.set(1)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         log.info("ready: %s on %s", self.predictor.card.name, self.predictor.device)
@@ -104,6 +106,7 @@ class Service:
 
     async def stop(self) -> None:
         self.begin_drain()
+        self.serving = False
         if self.batcher is not None:
             await self.batcher.stop()
         self._decode_pool.shutdown(wait=True)
@@ -150,7 +153,7 @@ class Service:
                     ) -> list[ImageResult]:
         """Decode in parallel off the loop, queue all images at once, await their results.
         Their vectors are stored under ``store_key(namespace)``."""
-        if self.draining or self.batcher is None or self.predictor is None:
+        if not self.serving or self.batcher is None or self.predictor is None:
             raise self._refusal("not_ready", "not_ready", "the service is not ready "
                                 "(warming up or shutting down)")
         key = self.store_key(namespace)
