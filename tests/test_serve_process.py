@@ -54,7 +54,6 @@ def test_sigterm_answers_every_accepted_request(server: tuple[str, subprocess.Po
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * 8
     assert all(len(r.json()["results"]) == 24 for r in responses)
-    # uvicorn re-raises the signal after its graceful shutdown, so -SIGTERM is a clean exit
-    assert proc.wait(30) in (0, -signal.SIGTERM)
+    assert proc.wait(30) == 0  # a completed graceful shutdown exits with status 0
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/healthz", timeout=2)
