@@ -31,6 +31,8 @@ from daemons import (
     wait_until,
 )
 
+from app.settings import Settings
+
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 SHIPPED_MODEL = REPO / "models" / "fashion-mnist"
@@ -124,6 +126,14 @@ def compose_config(files: list[str]) -> dict[str, Any]:
     return config
 
 
+def compose_seconds(duration: str) -> float:
+    """A compose duration ("40s", "1m30s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def volumes(service: dict[str, Any]) -> list[dict[str, Any]]:
     """A service's mounts in long form (docker-compose 1.29 prints short ones as strings)."""
     out = []
@@ -145,6 +155,10 @@ def test_compose_config_is_valid(files: list[str]) -> None:
     model = [v for v in volumes(api) if v.get("target") == "/models/current"]
     assert model and model[0]["read_only"] is True, "the model is mounted read-only"
     assert api["environment"]["IMGREC_MODEL_DIR"] == "/models/current"
+    # the lame duck and the grace period both fit before Docker's SIGKILL, with a margin
+    fields = Settings.model_fields
+    drain_s = fields["drain_delay_s"].default + fields["graceful_shutdown_s"].default
+    assert compose_seconds(api["stop_grace_period"]) >= drain_s + 5
     if "docker-compose.gpu.yml" in files:
         (device,) = api["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
