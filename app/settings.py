@@ -35,9 +35,15 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing uploads")
     # request limits
     max_files: int = Field(32, ge=1, description="file parts per request")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body size")
-    max_image_pixels: int = Field(25_000_000, ge=1, description="width x height per image, "
-                                  "checked from the header before decoding")
+    # 32 MiB: a 48-50 MP phone JPEG is 10-25 MB (a 12 MP one 3-6 MB, HEIC about half)
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body size")
+    # pixels an image decodes to (a JPEG after DCT scaling, at most 1/8 of each side), checked
+    # before decoding: 50 MP takes a 50 MP HEIC or PNG, which decode at full size
+    max_image_pixels: int = Field(50_000_000, ge=1, description="pixels an image may decode "
+                                  "to, checked before decoding")
+    # decompression-bomb ceiling on the header's width x height, whatever the format
+    max_image_header_pixels: int = Field(210_000_000, ge=1, description="width x height in an "
+                                         "image's header, checked before decoding")
     # embedding store
     embed_store: str = Field("data/embeddings.sqlite3", description="SQLite file path, "
                              "redis://host:port/db, or 'memory'")

@@ -15,7 +15,7 @@ from fastapi import FastAPI, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from app.nn import load_model_dir
-from app.nn.preprocess import decode_image_bytes, normalize_batch, to_input_size
+from app.nn.preprocess import decode_image_bytes, normalize_batch
 
 
 def build(model_dir: str) -> FastAPI:
@@ -27,8 +27,7 @@ def build(model_dir: str) -> FastAPI:
 
     def infer(datas: list[bytes]) -> list[list[dict[str, object]]]:
         spec = card.input
-        x = normalize_batch(torch.stack([to_input_size(decode_image_bytes(d, spec.channels), spec)
-                                         for d in datas]), spec)
+        x = normalize_batch(torch.stack([decode_image_bytes(d, spec) for d in datas]), spec)
         with torch.inference_mode():
             probs = torch.softmax(model(x.contiguous(memory_format=torch.channels_last)), 1)
         top = probs.topk(5, dim=1)

@@ -22,10 +22,10 @@ from PIL import Image
 
 from app.main import create_app
 from app.nn.card import InputSpec
-from app.nn.preprocess import pil_to_tensor, to_input_size
 from app.serving.images import prepare
 from app.serving.service import Service
 from app.settings import Settings
+from app.training.data import ImageDataset, scan_image_folder
 
 
 def settings_for(model_dir: Path, tmp_path: Path, **kw: Any) -> Settings:
@@ -171,20 +171,21 @@ def test_any_colour_mode_and_size_is_accepted(client: TestClient, mode: str, fmt
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("RGB", "JPEG"), ("L", "PNG"),
                                       ("P", "GIF"), ("LA", "PNG"), ("1", "BMP"),
-                                      ("I;16", "PNG")])
-@pytest.mark.parametrize("side", [28, 61])
-def test_served_pixels_are_the_trainers_pixels(mode: str, fmt: str, channels: int,
-                                               side: int) -> None:
-    """prepare() converts an image already at the input size with Pillow alone; its bytes must
-    be exactly what the trainer's path (pil_to_tensor + to_input_size) gives, and so must the
-    resized ones."""
+                                      ("I;16", "PNG"), ("CMYK", "JPEG"), ("RGB", "TIFF")])
+@pytest.mark.parametrize("side", [28, 61, 300])
+def test_served_pixels_are_the_trainers_pixels(mode: str, fmt: str, channels: int, side: int,
+                                               tmp_path: Path) -> None:
+    """prepare()'s bytes must be exactly what the trainer's ImageFolder loader gives for the same
+    file, at the input size and resized (300 px JPEGs are decoded at a reduced scale by both)."""
     spec = InputSpec(size=28, channels=channels, mean=[0.5] * channels, std=[0.5] * channels)
     rng = np.random.default_rng(side)
     img = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).convert(mode)
     data = encode(img, fmt)
-    with Image.open(io.BytesIO(data)) as im:
-        expected = to_input_size(pil_to_tensor(im, channels), spec)
-    assert prepare(data, spec, 10**6) == expected.numpy().tobytes()
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / f"x.{fmt.lower()}").write_bytes(data)
+    split, _ = scan_image_folder(tmp_path)
+    trainer_pixels, _ = ImageDataset(split, spec)[0]
+    assert prepare(data, spec, 10**6) == trainer_pixels.numpy().tobytes()
 
 
 def test_animated_gif_uses_its_first_frame(client: TestClient) -> None:
@@ -216,8 +217,8 @@ def test_bad_requests_get_clear_json_errors(client: TestClient) -> None:
     assert error(client.post("/predict", files=files(b"not an image"))) \
         == (415, "unsupported_image")
     assert error(client.post("/predict", files=files(b""))) == (415, "unsupported_image")
-    tiff = encode(Image.new("L", (8, 8)), "TIFF")
-    assert error(client.post("/predict", files=files(tiff))) == (415, "unsupported_image")
+    pcx = encode(Image.new("L", (8, 8)), "PCX")  # a format Pillow reads but we do not accept
+    assert error(client.post("/predict", files=files(pcx))) == (415, "unsupported_image")
     assert error(client.post("/predict", files=files(png[: len(png) // 2]))) \
         == (415, "undecodable_image")
     assert error(client.post("/predict", params={"top_k": 0}, files=files(png)))[0] == 422

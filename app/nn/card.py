@@ -18,7 +18,9 @@ class InputSpec(BaseModel):
     channels: Literal[1, 3]
     mean: list[float]
     std: list[float]
-    resize: Literal["stretch"] = "stretch"  # the whole image is resized to size x size
+    # "stretch": the whole image is resized to size x size; "shorter-side-crop" (the ImageNet
+    # convention): the shorter side is scaled to size and the centre square kept (app.nn.imaging)
+    resize: Literal["stretch", "shorter-side-crop"] = "stretch"
     interpolation: Literal["bilinear"] = "bilinear"
 
     @model_validator(mode="after")

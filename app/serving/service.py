@@ -51,10 +51,11 @@ class ImageResult:
 Job = tuple[str, bytes, str]
 
 
-def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int) -> tuple[str, bytes, float]:
+def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int,
+                 max_header_pixels: int) -> tuple[str, bytes, float]:
     t0 = time.perf_counter()
     image_id = hashlib.sha256(data).hexdigest()
-    pixels = prepare(data, spec, max_pixels)
+    pixels = prepare(data, spec, max_pixels, max_header_pixels)
     return image_id, pixels, time.perf_counter() - t0
 
 
@@ -159,8 +160,9 @@ class Service:
         key = self.store_key(namespace)
         loop = asyncio.get_running_loop()
         spec, max_pixels = self.predictor.card.input, self.settings.max_image_pixels
-        jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec, max_pixels)
-                for data in uploads]
+        header_pixels = self.settings.max_image_header_pixels
+        jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec, max_pixels,
+                                     header_pixels) for data in uploads]
         done = await asyncio.gather(*jobs, return_exceptions=True)
         for index, outcome in enumerate(done):
             if isinstance(outcome, ImageError):

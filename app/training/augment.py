@@ -3,7 +3,8 @@
 Crop a region whose area fraction and aspect ratio are drawn from configured ranges, resize it to
 the set size, then perturb it: flip with probability p1, rotate by an angle drawn from a range with
 probability p2, adjust colour attributes with probability p3. Random erasing may follow.
-Inputs and outputs are uint8 (C, H, W) tensors; normalisation happens on the batch.
+Inputs are the card's input (uint8 (C, size, size), app.nn.imaging's pixels) and so are the
+outputs; normalisation happens on the batch.
 """
 
 from __future__ import annotations
@@ -43,10 +44,6 @@ def build_train_transform(cfg: TrainConfig, size: int, channels: int) -> nn.Modu
     if cfg.erase_p > 0:
         steps.append(v2.RandomErasing(p=cfg.erase_p, scale=(0.02, 0.2), value=0))
     return v2.Compose(steps)
-
-
-def build_eval_transform(size: int) -> nn.Module:
-    return v2.Resize([size, size], antialias=True)
 
 
 def crop_geometry(params: dict[str, int], height: int, width: int) -> tuple[float, float]:

@@ -24,6 +24,10 @@ class TrainConfig(BaseModel):
     limit_train: int = Field(0, ge=0, description="use only this many training images (0 = all)")
     limit_test: int = Field(0, ge=0, description="use only this many test images (0 = all)")
     input_size: int = Field(0, ge=0, description="input side in pixels (0 = the preset's)")
+    resize: Literal["stretch", "shorter-side-crop"] = Field(
+        "stretch", description="how an image becomes size x size, written into the card and "
+        "served the same way: stretch the whole image, or scale the shorter side and keep the "
+        "centre square (the ImageNet convention, for real photos)")
     # network
     preset: str = "fashion"
     arch: dict[str, Any] = Field(default_factory=dict, description="ResNetConfig overrides")

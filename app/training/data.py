@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from app.nn.preprocess import decode_image_bytes
+from app.nn.card import InputSpec
+from app.nn.preprocess import decode_image_bytes, to_input_size
 
 FASHION_MNIST_DIRS = (
     Path("/usr/share/datasets/fashion-mnist"),
@@ -25,7 +26,9 @@ FASHION_MNIST_LABELS = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+# what app.serving.images accepts (app.nn.imaging decodes both)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic",
+                  ".heif", ".avif"}
 
 
 class DataError(ValueError):
@@ -180,11 +183,16 @@ def split_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Spli
 
 
 class ImageDataset(Dataset[tuple[Tensor, int]]):
-    """Yields (uint8 (C, size, size), label); the transform does crop/augment or plain resize."""
+    """Yields (uint8 (C, size, size), label); the transform (augmentation, or none) follows.
 
-    def __init__(self, split: Split, channels: int, transform: Callable[[Tensor], Tensor]) -> None:
+    Image files are loaded exactly as the service prepares an upload (app.nn.imaging: decoded at
+    the size needed, EXIF orientation applied, colour and the card's resize rule), so users' own
+    photos train as they are served; in-memory images of another size get the same resize."""
+
+    def __init__(self, split: Split, spec: InputSpec,
+                 transform: Callable[[Tensor], Tensor] | None = None) -> None:
         self.split = split
-        self.channels = channels
+        self.spec = spec
         self.transform = transform
 
     def __len__(self) -> int:
@@ -192,10 +200,12 @@ class ImageDataset(Dataset[tuple[Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         if self.split.images is not None:
-            image = self.split.images[i]
+            image = to_input_size(self.split.images[i], self.spec)
         else:
             try:
-                image = decode_image_bytes(self.split.paths[i].read_bytes(), self.channels)
+                image = decode_image_bytes(self.split.paths[i].read_bytes(), self.spec)
             except ValueError as e:
                 raise DataError(f"{self.split.paths[i]}: {e}") from e
-        return self.transform(image), int(self.split.labels[i])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.split.labels[i])

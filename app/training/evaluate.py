@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader
 
 from app.nn.card import InputSpec
 from app.nn.preprocess import normalize_batch
-from app.training.augment import build_eval_transform
 from app.training.data import ImageDataset, Split
 
 
@@ -33,7 +32,7 @@ def _batches(split: Split, spec: InputSpec, batch_size: int,
     if split.images is not None and tuple(split.images.shape[-2:]) == (spec.size, spec.size):
         return [(split.images[i : i + batch_size], split.labels[i : i + batch_size])
                 for i in range(0, len(split), batch_size)]
-    ds = ImageDataset(split, spec.channels, build_eval_transform(spec.size))
+    ds = ImageDataset(split, spec)  # already at the input size, by the card's resize rule
     return DataLoader(ds, batch_size=batch_size, num_workers=workers)
 
 

@@ -158,9 +158,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.limit_test:
         test_split = test_split.subset(torch.arange(min(cfg.limit_test, len(test_split))))
     size = cfg.input_size or arch.input_size
-    spec = InputSpec(size=size, channels=data.channels, mean=data.mean, std=data.std)
-    train_ds = ImageDataset(train_split, data.channels,
-                            build_train_transform(cfg, size, data.channels))
+    spec = InputSpec(size=size, channels=data.channels, mean=data.mean, std=data.std,
+                     resize=cfg.resize)
+    train_ds = ImageDataset(train_split, spec, build_train_transform(cfg, size, data.channels))
     sampler: DistributedSampler[Any] | None = None
     if rt.world > 1:
         sampler = DistributedSampler(train_ds, num_replicas=rt.world, rank=rt.rank, shuffle=True,
