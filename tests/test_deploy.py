@@ -214,7 +214,7 @@ def test_embedding_posted_on_one_replica_is_found_on_the_other(cluster: Cluster)
 
 def test_body_limit_matches_the_service(cluster: Cluster) -> None:
     with httpx.Client(timeout=30) as client:
-        body = b"\0" * (10 * 1024 * 1024 + 4096)
+        body = b"\0" * (32 * 1024 * 1024 + 4096)  # just over IMGREC_MAX_UPLOAD_BYTES
         r = client.post(f"{cluster.url}/predict", content=body,
                         headers={"Content-Type": "multipart/form-data; boundary=x"})
         assert r.status_code == 413
