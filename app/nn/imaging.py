@@ -3,7 +3,7 @@ the service (app/serving/images.py) and the trainer (app/training/data.py) both 
 
 Torch-free on purpose (Pillow and numpy only): the CPU serving process never imports torch.
 
-The steps, in order:
+The steps (the orientation, 3, is applied last: see there):
 1. **Decode at the size needed.** A JPEG is decoded in the DCT domain (libjpeg-turbo, through
    simplejpeg or Pillow's ``draft``) at the smallest scale (1/2 ... 1/8) that still leaves at
    least twice the input size on both sides, so the final antialiased resize has the detail it
@@ -12,8 +12,10 @@ The steps, in order:
    decode; libwebp can scale but Pillow does not expose it; libheif and libavif cannot.
 2. **First frame** of an animated GIF, PNG or WebP, first page of a TIFF.
 3. **Orientation.** The EXIF Orientation tag (JPEG, PNG, WebP, TIFF, AVIF; or XMP's) is applied
-   as ``ImageOps.exif_transpose`` would, after decoding; DCT scaling is the same on both axes,
-   so it commutes with it.
+   as ``ImageOps.exif_transpose`` would. Decoding, colour and both resize rules (which keep a
+   square around the centre) commute with turning and mirroring, so the small result is turned,
+   not the large decoded image; a scaled JPEG's partial last block is weighed by what it covers,
+   so a turned photo gives the upright one's pixels.
    HEIF's own rotation and mirroring (irot/imir) are applied by libheif while decoding and the
    EXIF tag is then reset, so nothing is rotated twice.
 4. **Colour.** To the card's channels: grey ``L`` (ITU-R 601 luma) or ``RGB``. Alpha (RGBA, LA,
@@ -79,6 +81,13 @@ class Plan:
     decoded_size: tuple[int, int]  # (width, height) the decoder will produce
     decoded_pixels: int  # what the decode holds in memory, in pixels (the limit applies to it)
     decoder: Literal["simplejpeg", "pillow"] = "pillow"
+    reduction: int = 1  # the decoder divides each side by this (rounding up)
+
+    @property
+    def extent(self) -> tuple[float, float]:
+        """The stored image's area in decoded pixels: a side that is not a multiple of the
+        reduction ends in a partial pixel, which the resize weighs by what it covers."""
+        return self.stored_size[0] / self.reduction, self.stored_size[1] / self.reduction
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -111,15 +120,18 @@ def plan_decode(im: Image.Image, data: bytes, spec: InputSpec, scale: bool = Tru
         mode = "L" if spec.channels == 1 and im.mode == "RGB" else im.mode
         im.draft(mode, (need, need))  # sets im.size to the scaled size
     decoded = im.size
+    reduction = next((r for r in (8, 4, 2) if decoded == (-(-stored[0] // r), -(-stored[1] // r))),
+                     1)
     pixels = decoded[0] * decoded[1]
     if fmt == "JPEG" and (im.info.get("progressive") or im.info.get("progression")):
         # libjpeg keeps a progressive JPEG's whole coefficient buffer, whatever the output scale
         pixels = stored[0] * stored[1]
-    return Plan(fmt, stored, decoded, pixels, decoder)
+    return Plan(fmt, stored, decoded, pixels, decoder, reduction)
 
 
 def decode(im: Image.Image, data: bytes, plan: Plan, channels: int) -> Image.Image:
-    """Decode the first frame as planned and apply the orientation. Raises DecodeError."""
+    """Decode the first frame as planned, as stored (``orient`` turns it upright later).
+    Raises DecodeError."""
     if plan.decoder == "simplejpeg":
         w, h = plan.decoded_size
         try:
@@ -129,9 +141,7 @@ def decode(im: Image.Image, data: bytes, plan: Plan, channels: int) -> Image.Ima
         except ValueError:  # anything libjpeg warns about: Pillow's verdict, at the same scale
             arr = None
         if arr is not None and arr.shape[:2] == (h, w):
-            decoded = Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
-            method = _TRANSPOSE.get(orientation(im))
-            return decoded if method is None else decoded.transpose(method)
+            return Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -141,8 +151,7 @@ def decode(im: Image.Image, data: bytes, plan: Plan, channels: int) -> Image.Ima
     except (OSError, SyntaxError, EOFError, ValueError, IndexError, KeyError,
             TypeError, ZeroDivisionError) as e:  # what Pillow's decoders raise on bad data
         raise DecodeError(f"the {im.format or ''} image could not be decoded: {e}") from e
-    method = _TRANSPOSE.get(orientation(im))
-    return im if method is None else im.transpose(method)
+    return im
 
 
 _TRANSPOSE = {
@@ -186,20 +195,30 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im if mode == target else im.convert(target)
 
 
-def resize(im: Image.Image, spec: InputSpec) -> Image.Image:
-    """The card's resize rule, antialiased bilinear, to size x size."""
+def resize(im: Image.Image, spec: InputSpec,
+           extent: tuple[float, float] | None = None) -> Image.Image:
+    """The card's resize rule, antialiased bilinear, to size x size. ``extent`` is the part of
+    the image that holds picture (a scaled JPEG's partial last row and column hold less).
+
+    Both rules give a square around the centre, so they commute with the orientation: applied
+    to the image as stored, then turned (``orient``), they give what they give on the upright
+    image, at a fraction of the cost of turning a large one."""
     size = spec.size
-    w, h = im.size
+    w, h = extent or im.size
     if spec.resize == "shorter-side-crop":
-        if (w, h) == (size, size):
-            return im
         side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        return im.resize((size, size), Image.Resampling.BILINEAR,
-                         box=(left, top, left + side, top + side))
-    if (w, h) == (size, size):
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    else:
+        box = (0.0, 0.0, w, h)
+    if im.size == (size, size) and box == (0.0, 0.0, size, size):
         return im
-    return im.resize((size, size), Image.Resampling.BILINEAR)
+    return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def orient(im: Image.Image, orientation: int) -> Image.Image:
+    """Turn or mirror as the EXIF Orientation says (as ``ImageOps.exif_transpose`` does)."""
+    method = _TRANSPOSE.get(orientation)
+    return im if method is None else im.transpose(method)
 
 
 def to_array(im: Image.Image, channels: int) -> np.ndarray:
@@ -213,7 +232,8 @@ def to_array(im: Image.Image, channels: int) -> np.ndarray:
 def prepare_opened(im: Image.Image, data: bytes, plan: Plan, spec: InputSpec) -> np.ndarray:
     """An opened image and its plan -> uint8 (channels, size, size). Raises DecodeError."""
     decoded = decode(im, data, plan, spec.channels)
-    return to_array(resize(to_mode(decoded, spec.channels), spec), spec.channels)
+    square = resize(to_mode(decoded, spec.channels), spec, plan.extent)
+    return to_array(orient(square, orientation(im)), spec.channels)
 
 
 def load_input(data: bytes, spec: InputSpec, scale: bool = True) -> np.ndarray:
