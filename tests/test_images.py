@@ -304,3 +304,20 @@ def test_scaled_decode_agrees_with_the_full_decode(fashion: tuple[np.ndarray, np
     assert abs(int((a == truth).sum()) - int((b == truth).sum())) <= 1
     assert (a == b).mean() >= 0.98
     assert (b == truth).mean() > 0.8  # the photos are still recognisable garments
+
+
+def test_the_trainer_takes_the_resize_rule_and_loads_files_as_served(tmp_path: Path) -> None:
+    from app.training.config import parse_config
+    from app.training.data import ImageDataset, scan_image_folder
+
+    assert parse_config(["--resize", "shorter-side-crop"]).resize == "shorter-side-crop"
+    assert parse_config([]).resize == "stretch"
+    crop = InputSpec(size=28, channels=3, mean=[0.5] * 3, std=[0.5] * 3,
+                     resize="shorter-side-crop")
+    photo = photo_like(np.full((28, 28), 200, np.uint8), (640, 480), seed=1)
+    data = stored_with_orientation(photo, 6, "JPEG", quality=90)  # turned, 1/8-scale decode
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "p.jpg").write_bytes(data)
+    split, _ = scan_image_folder(tmp_path)
+    pixels, _ = ImageDataset(split, crop)[0]
+    assert pixels.numpy().tobytes() == prepare(data, crop, 10**7)
