@@ -2,14 +2,14 @@
 
 TorchServe 0.12 runs from its own virtual environment (.venv-torchserve, made by --setup) with
 bench/torchserve_handler.py: imgrec's loader (no pickle) and imgrec's image preparation, TorchServe
-batching at most 32 requests with a 5 ms max batch delay, one worker, one thread (the
-settings of our earlier serving-systems comparison). The handler runs the network with eager PyTorch, as TorchServe serves a
-PyTorch model; with --ts-engines torch,onnxruntime a second TorchServe also runs imgrec's own ONNX
-Runtime engine in its handler, which leaves only the serving stacks different. imgrec runs with its
-default settings (batching on, max 32). All get the same malloc settings (bench/serve.py's MALLOC).
-Each is measured alone with the same wrk command and Lua script as bench/serve.py at concurrency 1,
-16 and 64; server CPU is the sum over the server's whole process tree (TorchServe: the launcher,
-the Java frontend and its Python workers).
+batching at most 32 requests with a 5 ms max batch delay, one worker, one thread (the settings of
+our earlier serving-systems comparison). The handler runs the network with eager PyTorch, as
+TorchServe serves a PyTorch model; with --ts-engines torch,onnxruntime a second TorchServe also
+runs imgrec's own ONNX Runtime engine in its handler, which leaves only the serving stacks
+different. imgrec runs with its default settings (batching on, max 32). All get the same malloc
+settings (bench/serve.py's MALLOC). Each is measured alone with the same wrk command and Lua script
+as bench/serve.py at concurrency 1, 16 and 64; server CPU is the sum over the server's whole
+process tree (TorchServe: the launcher, the Java frontend and its Python workers).
 
     python bench/torchserve_compare.py --setup          # make .venv-torchserve (a few minutes)
     python bench/torchserve_compare.py                  # 10 s per point (~2 minutes)
@@ -54,7 +54,7 @@ from bench.serve import (  # noqa: E402
 TS_VENV = ROOT / ".venv-torchserve"
 TS_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "torchserve", "torch-model-archiver",
                # what the handler imports from imgrec's app.nn / app.serving.images
-               "numpy", "pillow", "safetensors", "pydantic",
+               "numpy", "pillow", "safetensors", "pydantic", "simplejpeg", "pillow-heif",
                # imgrec's ONNX Runtime engine, for --ts-engines onnxruntime (imgrec's own pins)
                "onnxruntime==1.32.0", "onnxscript==0.7.2", "onnx==1.23.2",
                "pyyaml"]  # torchserve 0.12's worker imports yaml but does not declare it
