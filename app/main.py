@@ -16,6 +16,7 @@ from app.api.fastpath import FastPathMiddleware
 from app.api.middleware import MetricsMiddleware
 from app.api.openapi_additions import add_documentation
 from app.api.routes import router
+from app.api.search import router as search_router
 from app.serving.metrics import Metrics
 from app.serving.service import Service
 from app.settings import Settings
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = keys  # also for other protocols' servers (gRPC metadata)
     app.include_router(router)
     app.include_router(web.router)  # the page at /, its assets, the model card's plots
+    app.include_router(search_router)
     install_error_handlers(app)
     add_documentation(app, api_keys=keys is not None)
     # measured: 1.1k -> 1.4k req/s at concurrency 64, 1.09 -> 0.89 ms CPU per request

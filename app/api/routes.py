@@ -55,7 +55,8 @@ async def _infer(request: Request, service: Service) -> tuple[list[str | None], 
                        {"Retry-After": str(s.retry_after_s)})
     uploads = await read_uploads(request, s.max_upload_bytes, s.max_files)
     try:
-        results = await service.infer([u.data for u in uploads], namespace=namespace_of(request))
+        results = await service.infer([u.data for u in uploads], namespace=namespace_of(request),
+                                      filenames=[u.filename for u in uploads])
     except ServiceError as e:
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
         raise ApiError(e.status, e.code, e.message, headers) from None

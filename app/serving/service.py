@@ -23,6 +23,7 @@ import numpy as np
 from app.nn.card import InputSpec
 from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFull
 from app.serving.images import ImageError, prepare
+from app.serving.index import Neighbor, SearchUnavailable, clean_filename
 from app.serving.metrics import Metrics
 from app.serving.predictor import Prediction, Predictor
 from app.serving.store import open_store
@@ -47,8 +48,8 @@ class ImageResult:
     stored: bool = False  # its vector reached the embedding store (False during an outage)
 
 
-# what the batcher carries per image: (image id, pixels, store key)
-Job = tuple[str, bytes, str]
+# what the batcher carries per image: (image id, pixels, store key, filename)
+Job = tuple[str, bytes, str, str | None]
 
 
 def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int,
@@ -126,21 +127,22 @@ class Service:
     def _forward(self, items: list[Job]) -> list[ImageResult]:
         """On the inference thread."""
         assert self.predictor is not None
-        predictions = self.predictor.forward([pixels for _, pixels, _ in items])
-        return [ImageResult(image_id, p)
-                for (image_id, _, _), p in zip(items, predictions, strict=True)]
+        predictions = self.predictor.forward([item[1] for item in items])
+        return [ImageResult(item[0], p) for item, p in zip(items, predictions, strict=True)]
 
     def _keep(self, items: list[Job], results: Sequence[ImageResult]) -> None:
         """On the batcher's finish thread, while the next batch computes: every vector goes to
         the store before its request is answered, so a GET /embed right after finds it. A
         store outage only marks the results as not stored (the guard never raises)."""
         assert self.store is not None
-        by_key: dict[str, list[ImageResult]] = {}
-        for (_, _, key), r in zip(items, results, strict=True):
-            by_key.setdefault(key, []).append(r)
-        for key, group in by_key.items():
+        by_key: dict[str, list[tuple[ImageResult, str | None]]] = {}
+        for (_, _, key, name), r in zip(items, results, strict=True):
+            by_key.setdefault(key, []).append((r, name))
+        for key, named in by_key.items():
+            group = [r for r, _ in named]
             started = time.perf_counter()
-            stored = self.store.put_many(key, [(r.id, r.prediction.embedding) for r in group])
+            stored = self.store.put_many(key, [(r.id, r.prediction.embedding) for r in group],
+                                         [name for _, name in named])
             if stored:
                 self.metrics.store_write_seconds.observe(time.perf_counter() - started)
             for r in group:
@@ -150,10 +152,10 @@ class Service:
         self.metrics.rejections.labels(reason).inc()
         return ServiceError(503, code, message, retry_after=self.settings.retry_after_s)
 
-    async def infer(self, uploads: list[bytes], namespace: str | None = None
-                    ) -> list[ImageResult]:
+    async def infer(self, uploads: list[bytes], namespace: str | None = None,
+                    filenames: Sequence[str | None] | None = None) -> list[ImageResult]:
         """Decode in parallel off the loop, queue all images at once, await their results.
-        Their vectors are stored under ``store_key(namespace)``."""
+        Their vectors are stored under ``store_key(namespace)``, with the (cleaned) filenames."""
         if not self.serving or self.batcher is None or self.predictor is None:
             raise self._refusal("not_ready", "not_ready", "the service is not ready "
                                 "(warming up or shutting down)")
@@ -174,9 +176,11 @@ class Service:
         prepared = [o for o in done if not isinstance(o, BaseException)]
         for _, _, seconds in prepared:
             self.metrics.decode_seconds.observe(seconds)
+        names = [clean_filename(n) for n in filenames] if filenames else [None] * len(prepared)
         try:
             futures = self.batcher.submit_many(
-                [(image_id, pixels, key) for image_id, pixels, _ in prepared],
+                [(image_id, pixels, key, name)
+                 for (image_id, pixels, _), name in zip(prepared, names, strict=True)],
                 self.settings.request_timeout_ms / 1000.0)
         except QueueFull as e:
             raise self._refusal("queue_full", "overloaded", f"{e}; retry later") from None
@@ -204,6 +208,43 @@ class Service:
             raise self._refusal("not_ready", "not_ready", "the service is not ready")
         try:
             return await asyncio.to_thread(self.store.get_many, self.store_key(namespace), ids)
+        except StoreUnavailable:
+            raise self._refusal("store_unavailable", "store_unavailable",
+                                "the embedding store is unavailable; retry later") from None
+
+    async def search(self, query: np.ndarray, k: int, exclude: str | None = None,
+                     namespace: str | None = None) -> list[Neighbor]:
+        """The k stored images nearest to query (cosine), best first, never ``exclude``."""
+        if self.store is None or self.predictor is None:
+            raise self._refusal("not_ready", "not_ready", "the service is not ready")
+        try:
+            return await asyncio.to_thread(self.store.search, self.store_key(namespace), query,
+                                           k, exclude)
+        except SearchUnavailable as e:
+            raise ServiceError(501, "search_unavailable", str(e)) from None
+        except StoreUnavailable:
+            raise self._refusal("store_unavailable", "store_unavailable",
+                                "the embedding store is unavailable; retry later") from None
+
+    async def search_stored(self, image_id: str, k: int, namespace: str | None = None
+                            ) -> tuple[str | None, list[Neighbor]] | None:
+        """(filename, neighbours) of a stored image, or None when it is not stored: one hop
+        to a worker thread for the lookup and the search together."""
+        if self.store is None or self.predictor is None:
+            raise self._refusal("not_ready", "not_ready", "the service is not ready")
+        store, key = self.store, self.store_key(namespace)
+
+        def run() -> tuple[str | None, list[Neighbor]] | None:
+            found = store.get_many(key, [image_id])
+            if image_id not in found:
+                return None
+            return (store.filenames(key, [image_id]).get(image_id),
+                    store.search(key, found[image_id], k, image_id))
+
+        try:
+            return await asyncio.to_thread(run)
+        except SearchUnavailable as e:
+            raise ServiceError(501, "search_unavailable", str(e)) from None
         except StoreUnavailable:
             raise self._refusal("store_unavailable", "store_unavailable",
                                 "the embedding store is unavailable; retry later") from None

@@ -16,10 +16,15 @@ from typing import Protocol
 
 import numpy as np
 
+from app.serving.index import Neighbor, VectorIndex
+
 
 class EmbeddingStore(Protocol):
-    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
-        """Store vectors under (model, id); a repeated id replaces and refreshes its entry."""
+    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
+                 filenames: Sequence[str | None] | None = None) -> None:
+        """Store vectors under (model, id); a repeated id replaces and refreshes its entry.
+        ``filenames`` (one per item, None = none given) are kept beside the vectors; a re-put
+        without a filename keeps the one stored before."""
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """The vectors found for these ids (unknown ids are simply absent)."""
@@ -29,6 +34,14 @@ class EmbeddingStore(Protocol):
 
     def ping(self) -> None:
         """Raise unless the store can take a write now (the outage probe, store_guard.py)."""
+
+    def search(self, model: str, query: np.ndarray, k: int,
+               exclude: str | None = None) -> list[Neighbor]:
+        """The k stored vectors of this model most cosine-similar to query, best first, never
+        ``exclude``. Raises index.SearchUnavailable where the store cannot search."""
+
+    def filenames(self, model: str, ids: Sequence[str]) -> dict[str, str | None]:
+        """The stored filename of each of these ids that is stored."""
 
     def close(self) -> None: ...
 
@@ -41,22 +54,42 @@ def _from_blob(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
 
 
+def _names_for(items: Sequence[object],
+               filenames: Sequence[str | None] | None) -> Sequence[str | None]:
+    if filenames is None:
+        return [None] * len(items)
+    if len(filenames) != len(items):
+        raise ValueError(f"{len(filenames)} filenames for {len(items)} vectors")
+    return filenames
+
+
 class MemoryStore:
     """Process-local, bounded LRU; for tests and for deployments that want no persistence."""
 
     def __init__(self, max_items: int) -> None:
         self.max_items = max_items
         self._data: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._names: dict[tuple[str, str], str] = {}
+        self._index = VectorIndex()
         self._lock = threading.Lock()
 
-    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
+                 filenames: Sequence[str | None] | None = None) -> None:
+        names = _names_for(items, filenames)
         with self._lock:
-            for image_id, vec in items:
+            for (image_id, vec), name in zip(items, names, strict=True):
                 key = (model, image_id)
                 self._data.pop(key, None)
                 self._data[key] = _to_blob(vec)
+                if name is not None:
+                    self._names[key] = name
+            self._index.add(model, [i for i, _ in items], [v for _, v in items], names)
+            evicted = []
             while len(self._data) > self.max_items:
-                self._data.popitem(last=False)
+                key, _ = self._data.popitem(last=False)
+                self._names.pop(key, None)
+                evicted.append(key)
+            self._index.remove(evicted)
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -67,6 +100,14 @@ class MemoryStore:
 
     def ping(self) -> None:
         pass
+
+    def search(self, model: str, query: np.ndarray, k: int,
+               exclude: str | None = None) -> list[Neighbor]:
+        return self._index.search(model, query, k, exclude)
+
+    def filenames(self, model: str, ids: Sequence[str]) -> dict[str, str | None]:
+        with self._lock:
+            return {i: self._names.get((model, i)) for i in ids if (model, i) in self._data}
 
     def close(self) -> None:
         pass
@@ -93,26 +134,60 @@ class SQLiteStore:
         )
         # one row rewritten by ping(): a committed write, the only true test of a full disk
         self._db.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
+        # Files from before filenames were kept gain the column (NULL for their rows).
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(embeddings)")}
+        if "filename" not in columns:
+            self._db.execute("ALTER TABLE embeddings ADD COLUMN filename TEXT")
+        # The similarity index is rebuilt from the table: it can never disagree with it.
+        self._index = VectorIndex()
+        self._load_index()
 
-    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+    def _load_index(self, chunk: int = 20_000) -> None:
+        last = -1
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, model, id, vector, filename FROM embeddings WHERE seq > ?"
+                " ORDER BY seq LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return
+            by_model: dict[str, list[tuple[str, bytes, str | None]]] = {}
+            for _, model, image_id, blob, name in rows:
+                by_model.setdefault(model, []).append((image_id, blob, name))
+            for model, entries in by_model.items():
+                dim = len(entries[0][1]) // 4
+                same = [e for e in entries if len(e[1]) == 4 * dim]
+                vectors = np.frombuffer(b"".join(e[1] for e in same), dtype="<f4")
+                self._index.add(model, [e[0] for e in same], vectors.reshape(len(same), dim),
+                                [e[2] for e in same])
+            last = rows[-1][0]
+
+    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
+                 filenames: Sequence[str | None] | None = None) -> None:
         if not items:
             return
-        rows = [(model, image_id, _to_blob(vec)) for image_id, vec in items]
+        names = _names_for(items, filenames)
+        rows = [(model, image_id, _to_blob(vec), name, model, image_id)
+                for (image_id, vec), name in zip(items, names, strict=True)]
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh again
+                # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh
+                # again; without a new filename it keeps the old one (VALUES run first)
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO embeddings (model, id, vector) VALUES (?, ?, ?)", rows)
-                self._db.execute(
-                    "DELETE FROM embeddings WHERE seq <= (SELECT MAX(seq) FROM embeddings) - ?",
-                    (self.max_items,))
+                    "INSERT OR REPLACE INTO embeddings (model, id, vector, filename) VALUES"
+                    " (?, ?, ?, COALESCE(?, (SELECT filename FROM embeddings"
+                    " WHERE model = ? AND id = ?)))", rows)
+                evicted = self._db.execute(
+                    "DELETE FROM embeddings WHERE seq <= (SELECT MAX(seq) FROM embeddings) - ?"
+                    " RETURNING model, id", (self.max_items,)).fetchall()
                 self._db.execute("COMMIT")
             except BaseException:
                 # SQLite has already rolled back after some errors (SQLITE_FULL, for one)
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            self._index.add(model, [i for i, _ in items], [v for _, v in items], names)
+            self._index.remove(evicted)
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not ids:
@@ -131,6 +206,20 @@ class SQLiteStore:
     def ping(self) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
+
+    def search(self, model: str, query: np.ndarray, k: int,
+               exclude: str | None = None) -> list[Neighbor]:
+        return self._index.search(model, query, k, exclude)
+
+    def filenames(self, model: str, ids: Sequence[str]) -> dict[str, str | None]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, filename FROM embeddings WHERE model = ? AND id IN ({marks})",
+                (model, *ids)).fetchall()
+        return dict(rows)
 
     def close(self) -> None:
         with self._lock:

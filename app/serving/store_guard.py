@@ -21,6 +21,7 @@ from enum import Enum
 
 import numpy as np
 
+from app.serving.index import Neighbor, SearchUnavailable
 from app.serving.metrics import Metrics
 from app.serving.store import EmbeddingStore
 
@@ -85,7 +86,8 @@ class GuardedStore:
         return self.state is State.UP
 
     # -- calls -------------------------------------------------------------------------------
-    def put_many(self, key: str, items: Sequence[tuple[str, np.ndarray]]) -> bool:
+    def put_many(self, key: str, items: Sequence[tuple[str, np.ndarray]],
+                 filenames: Sequence[str | None] | None = None) -> bool:
         """Store the vectors; False (and nothing raised) when they could not be stored."""
         if not items:
             return True
@@ -94,7 +96,7 @@ class GuardedStore:
             self._unstored(len(items))
             return False
         try:
-            store.put_many(key, items)
+            store.put_many(key, items, filenames)
         except Exception as e:
             self._failed("put", e)
             self._unstored(len(items))
@@ -108,6 +110,35 @@ class GuardedStore:
             raise StoreUnavailable("the embedding store is unavailable")
         try:
             found = store.get_many(key, ids)
+        except Exception as e:
+            self._failed("get", e)
+            raise StoreUnavailable("the embedding store is unavailable") from e
+        self._succeeded()
+        return found
+
+    def search(self, key: str, query: np.ndarray, k: int,
+               exclude: str | None = None) -> list[Neighbor]:
+        """The store's similarity search; a store that cannot search (SearchUnavailable) is
+        not an outage."""
+        store = self.store
+        if self.state is State.DOWN or store is None:
+            raise StoreUnavailable("the embedding store is unavailable")
+        try:
+            found = store.search(key, query, k, exclude)
+        except SearchUnavailable:
+            raise
+        except Exception as e:
+            self._failed("search", e)
+            raise StoreUnavailable("the embedding store is unavailable") from e
+        self._succeeded()
+        return found
+
+    def filenames(self, key: str, ids: Sequence[str]) -> dict[str, str | None]:
+        store = self.store
+        if self.state is State.DOWN or store is None:
+            raise StoreUnavailable("the embedding store is unavailable")
+        try:
+            found = store.filenames(key, ids)
         except Exception as e:
             self._failed("get", e)
             raise StoreUnavailable("the embedding store is unavailable") from e
