@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: imgrec {train,evaluate,serve} [options]
+USAGE = """usage: imgrec {train,evaluate,serve,index} [options]
 
   train      train the network and write a model directory (imgrec train --help)
   evaluate   evaluate a model directory on a test split (imgrec evaluate --help)
   serve      serve a model directory over HTTP (imgrec serve --help)
+  index      embed a folder of images into the embedding store (imgrec index --help)
 """
 
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.serving.cli import serve_main
 
         return serve_main(rest)
+    if command == "index":
+        from app.serving.indexer import index_main
+
+        return index_main(rest)
     print(f"imgrec: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
