@@ -112,12 +112,11 @@ async def search_stored(
     if not SHA256.match(image_id):
         raise ApiError(422, "invalid_parameters", "id: not a sha256 hex digest")
     try:
-        found = await service.lookup([image_id], namespace=namespace)
-        if image_id not in found:
-            raise ApiError(404, "unknown_id", f"no embedding stored for id {image_id}")
-        names = await service.filenames([image_id], namespace=namespace)
+        found = await service.search_stored(image_id, k, namespace=namespace)
     except ServiceError as e:
         raise _api_error(e) from None
-    neighbors = await _search(service, found[image_id], k, image_id, namespace)
+    if found is None:
+        raise ApiError(404, "unknown_id", f"no embedding stored for id {image_id}")
+    filename, neighbors = found
     return JSONBytes({"model": _model_ref(service), "results": [
-        {"id": image_id, "filename": names.get(image_id), "neighbors": neighbors}]})
+        {"id": image_id, "filename": filename, "neighbors": _neighbors(neighbors)}]})
