@@ -255,3 +255,22 @@ def test_memory_store_evictions_leave_the_index() -> None:
 ])
 def test_clean_filename(raw: str | None, clean: str | None) -> None:
     assert clean_filename(raw) == clean
+
+
+def test_search_stays_in_the_callers_namespace(tiny_model_dir: Path, tmp_path: Path) -> None:
+    key_a, key_b = "alice-0123456789abcdef-AAAA", "bob-fedcba9876543210-BBBBBB"
+    (tmp_path / "keys").write_text(f"{key_a}\n{key_b}\n")
+    settings = settings_for(tiny_model_dir, tmp_path, api_keys_file=tmp_path / "keys")
+    a, b = ({"Authorization": f"Bearer {k}"} for k in (key_a, key_b))
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/embed", headers=a, files=[("file", (f"{n}.png", IMAGES[n]))
+                                               for n in range(3)])
+        ids = [x["id"] for x in r.json()["results"]]
+        assert c.get("/search", params={"id": ids[0]}).status_code == 401
+        assert c.post("/search", files=[("file", ("q.png", IMAGES[5]))]).status_code == 401
+        # B sees none of A's images, nor can it search by A's ids
+        r = c.post("/search", headers=b, files=[("file", ("q.png", IMAGES[5]))])
+        assert r.status_code == 200 and r.json()["results"][0]["neighbors"] == []
+        assert c.get("/search", headers=b, params={"id": ids[0]}).status_code == 404
+        r = c.post("/search", headers=a, files=[("file", ("q.png", IMAGES[6]))])
+        assert {n["id"] for n in r.json()["results"][0]["neighbors"]} == set(ids)
