@@ -22,8 +22,9 @@ IMAGES = [png_bytes(seed) for seed in range(12)]
 
 
 def settings_for(model_dir: Path, tmp_path: Path, **kw: Any) -> Settings:
+    # the torch engine: no ONNX export per app (these tests are about the store and index)
     base: dict[str, Any] = {"model_dir": model_dir, "device": "cpu", "warmup_batches": 1,
-                            "embed_store": str(tmp_path / "emb.sqlite3")}
+                            "embed_store": str(tmp_path / "emb.sqlite3"), "engine": "torch"}
     base.update(kw)
     return Settings(**base)
 

@@ -106,7 +106,7 @@ def test_plain_redis_stores_but_cannot_search(plain_url: str, tiny_model_dir: Pa
     finally:
         store.close()
     settings = Settings(model_dir=tiny_model_dir, device="cpu", warmup_batches=1,
-                        embed_store=plain_url)
+                        embed_store=plain_url, engine="torch")
     with TestClient(create_app(settings)) as c:
         assert "no search module" in caplog.text
         r = c.post("/embed", files=[("file", ("a.png", png_bytes(1)))])
