@@ -13,7 +13,9 @@ from app.api import web
 from app.api.auth import ApiKeyMiddleware, KeyRing
 from app.api.errors import install_error_handlers
 from app.api.fastpath import FastPathMiddleware
+from app.api.grpc_server import start_grpc, stop_grpc
 from app.api.middleware import MetricsMiddleware
+from app.api.oip import OipMiddleware
 from app.api.openapi_additions import add_documentation
 from app.api.routes import router
 from app.api.search import router as search_router
@@ -35,7 +37,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await service.start()
         unwatch = keys.watch_sighup() if keys is not None else None  # SIGHUP re-reads the keys
         try:
-            yield
+            # the gRPC skin starts once the Service is ready and stops before it (contract 3)
+            grpc_server = await start_grpc(service, keys)
+            try:
+                yield
+            finally:
+                await stop_grpc(grpc_server, settings.graceful_shutdown_s)
         finally:
             if unwatch is not None:
                 unwatch()
@@ -60,6 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_documentation(app, api_keys=keys is not None)
     # measured: 1.1k -> 1.4k req/s at concurrency 64, 1.09 -> 0.89 ms CPU per request
     app.add_middleware(FastPathMiddleware)  # inside the metrics middleware (added after it)
+    # the Open Inference Protocol's REST routes (/v2/...), outside FastAPI's routing and
+    # schema: the protocol has its own specification (app/api/oip.py says why)
+    app.add_middleware(OipMiddleware)
     if keys is not None:  # outside the fast path, so that it covers every route
         app.add_middleware(ApiKeyMiddleware, keys=keys, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

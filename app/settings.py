@@ -77,6 +77,9 @@ class Settings(BaseSettings):
                                  "it is answered 503 + Retry-After at once")
     log_level: str = Field("info", description="uvicorn log level")
     access_log: bool = Field(False, description="uvicorn access log (costs CPU per request)")
+    # Open Inference Protocol over gRPC (issue 14): same process, same batcher as HTTP
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port of the Open Inference "
+                           "Protocol (inference.GRPCInferenceService) on IMGREC_HOST; 0 = off")
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

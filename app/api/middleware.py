@@ -7,6 +7,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api import oip
 from app.serving.metrics import Metrics
 
 ROUTES = {"/predict", "/embed", "/model", "/healthz", "/readyz", "/metrics"}
@@ -22,7 +23,9 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = f"{scope['method']} {path if path in ROUTES else 'other'}"
+        label = (path if path in ROUTES
+                 else oip.route_template(path) if oip.handles(path) else "other")
+        route = f"{scope['method']} {label}"
         status = 500
         started = time.perf_counter()
 

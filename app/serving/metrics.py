@@ -13,9 +13,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("imgrec_requests", "HTTP requests by route and status",
+        self.requests = Counter("imgrec_requests",
+                                "requests by route (HTTP path or gRPC method) and status",
                                 ["route", "status"], registry=r)
-        self.latency = Histogram("imgrec_request_seconds", "HTTP request latency by route",
+        self.latency = Histogram("imgrec_request_seconds", "request latency by route",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("imgrec_images", "images answered by route", ["route"], registry=r)
         self.queue_depth = Gauge("imgrec_queue_depth", "images waiting for the network",

@@ -156,10 +156,8 @@ class Service:
                     filenames: Sequence[str | None] | None = None) -> list[ImageResult]:
         """Decode in parallel off the loop, queue all images at once, await their results.
         Their vectors are stored under ``store_key(namespace)``, with the (cleaned) filenames."""
-        if not self.serving or self.batcher is None or self.predictor is None:
-            raise self._refusal("not_ready", "not_ready", "the service is not ready "
-                                "(warming up or shutting down)")
-        key = self.store_key(namespace)
+        self._check_serving()
+        assert self.predictor is not None
         loop = asyncio.get_running_loop()
         spec, max_pixels = self.predictor.card.input, self.settings.max_image_pixels
         header_pixels = self.settings.max_image_header_pixels
@@ -177,10 +175,37 @@ class Service:
         for _, _, seconds in prepared:
             self.metrics.decode_seconds.observe(seconds)
         names = [clean_filename(n) for n in filenames] if filenames else [None] * len(prepared)
+        return await self._run([(image_id, pixels, name) for (image_id, pixels, _), name
+                                in zip(prepared, names, strict=True)], namespace)
+
+    async def infer_pixels(self, pixels: np.ndarray, namespace: str | None = None
+                           ) -> list[ImageResult]:
+        """Images the caller decoded: uint8 (N, C, H, W) at the card's input size. They join the
+        same batches as uploads; an image's id is the sha256 of its (C, H, W) pixel bytes."""
+        self._check_serving()
+        assert self.predictor is not None
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != self.predictor.image_shape:
+            raise ServiceError(400, "bad_pixels", f"pixels must be uint8 (N, "
+                               f"{', '.join(map(str, self.predictor.image_shape))}), got "
+                               f"{pixels.dtype} {tuple(pixels.shape)}")
+        images = [image.tobytes() for image in np.ascontiguousarray(pixels)]
+        return await self._run([(hashlib.sha256(b).hexdigest(), b, None) for b in images],
+                               namespace)
+
+    def _check_serving(self) -> None:
+        if not self.serving or self.batcher is None or self.predictor is None:
+            raise self._refusal("not_ready", "not_ready", "the service is not ready "
+                                "(warming up or shutting down)")
+
+    async def _run(self, items: list[tuple[str, bytes, str | None]], namespace: str | None
+                   ) -> list[ImageResult]:
+        """Queue prepared (image id, pixel bytes, filename) items at once and await their
+        results; the one queueing path of uploads and decoded pixels alike."""
+        assert self.batcher is not None
+        key = self.store_key(namespace)
         try:
             futures = self.batcher.submit_many(
-                [(image_id, pixels, key, name)
-                 for (image_id, pixels, _), name in zip(prepared, names, strict=True)],
+                [(image_id, pixels, key, name) for image_id, pixels, name in items],
                 self.settings.request_timeout_ms / 1000.0)
         except QueueFull as e:
             raise self._refusal("queue_full", "overloaded", f"{e}; retry later") from None
