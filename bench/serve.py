@@ -175,12 +175,14 @@ def _ms(value: str) -> float:
 
 
 def wrk(port: int, concurrency: int, seconds: float, bodies: Path, count: int,
-        pid: int, label: str, path: str = "/predict") -> Run:
+        pid: int, label: str, path: str = "/predict", script: str = "wrk_multipart.lua",
+        env_extra: dict[str, str] | None = None) -> Run:
     """One wrk run; server CPU is summed over pid's process tree (TorchServe has several)."""
     env = {**os.environ, "BENCH_BODIES": str(bodies), "BENCH_COUNT": str(count),
-           "BENCH_PATH": path, "BENCH_BOUNDARY": BOUNDARY}
+           "BENCH_PATH": path, "BENCH_BOUNDARY": BOUNDARY, **(env_extra or {})}
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
-           "--timeout", "30s", "-s", str(ROOT / "bench" / "wrk_multipart.lua"), f"http://127.0.0.1:{port}{path}"]
+           "--timeout", "30s", "-s", str(ROOT / "bench" / script),
+           f"http://127.0.0.1:{port}{path}"]
     before = tree_cpu(pid)
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
