@@ -57,13 +57,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     IMGREC_MODEL_DIR=/opt/imgrec/models/fashion-mnist \
     IMGREC_HOST=0.0.0.0 \
     IMGREC_PORT=8000 \
+    IMGREC_GRPC_PORT=8001 \
     IMGREC_EMBED_STORE=/data/embeddings.sqlite3 \
     MALLOC_MMAP_THRESHOLD_=67108864 \
     MALLOC_TRIM_THRESHOLD_=134217728
 USER 10001:10001
 WORKDIR /home/imgrec
 VOLUME ["/data"]
-EXPOSE 8000
+# 8000: HTTP (imgrec's JSON and the Open Inference Protocol's REST); 8001: OIP over gRPC
+EXPOSE 8000 8001
 # Ready = model loaded and warmed up, not draining; python instead of curl keeps the image lean.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('IMGREC_PORT', '8000'), timeout=4)"]

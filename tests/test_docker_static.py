@@ -271,6 +271,7 @@ def test_image_cmd_serves_with_the_dockerfile_env(tmp_path: Path, tiny_model_dir
     assert env["IMGREC_HOST"] == "0.0.0.0"
     port = free_port()
     env.update({"IMGREC_HOST": LOOPBACK, "IMGREC_PORT": str(port),
+                "IMGREC_GRPC_PORT": str(free_port()),
                 "IMGREC_EMBED_STORE": env["IMGREC_EMBED_STORE"].replace(
                     "/data", str(tmp_path / "data"), 1),
                 "IMGREC_DEVICE": "cpu", "IMGREC_TORCH_THREADS": "1"})
