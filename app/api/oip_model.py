@@ -18,12 +18,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app import __version__
-from app.nn.card import ModelCard
 from app.serving.service import ImageResult, Service, ServiceError
+
+if TYPE_CHECKING:
+    from app.nn.card import ModelCard
 
 SERVER_NAME = "imgrec"
 EXTENSIONS = ["binary_tensor_data", "classification"]
