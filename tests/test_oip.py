@@ -581,3 +581,38 @@ async def test_rest_infer_stores_vectors_in_the_callers_namespace(tiny_model_dir
         image_id = hashlib.sha256(blob).hexdigest()
         assert image_id in await service.lookup([image_id], namespace="tenant-a")
         assert await service.lookup([image_id]) == {}
+
+
+def test_api_keys_guard_inference_on_both_protocols(tiny_model_dir: Path,
+                                                    tmp_path: Path) -> None:
+    key = "oip-test-key-0123456789"
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(key + "\n")
+    blob = png_bytes(80)
+    with LiveServer(tiny_model_dir, tmp_path, api_keys_file=keys_file,
+                    embed_store="memory") as live:
+        http = thttp.InferenceServerClient(live.url)
+        rpc = tgrpc.InferenceServerClient(live.grpc_url)
+        # health and metadata stay open
+        assert http.is_server_ready() and rpc.is_server_ready()
+        assert rpc.get_model_metadata(MODEL).name == MODEL
+        with pytest.raises(InferenceServerException) as e:
+            http.infer(MODEL, [http_image_input([blob])])
+        assert e.value.status() == "401"
+        for headers in (None, {"authorization": "Bearer not-the-key-0123456789"}):
+            with pytest.raises(InferenceServerException) as e:
+                rpc.infer(MODEL, [grpc_image_input([blob])], headers=headers)
+            assert_grpc_error(e, grpc.StatusCode.UNAUTHENTICATED, "API key")
+        # (a dict each: tritonclient.http adds its own headers to the one it is given)
+        assert http.infer(MODEL, [http_image_input([blob])], headers={
+            "authorization": f"Bearer {key}"}).as_numpy("probabilities").shape == (1, CLASSES)
+        assert rpc.infer(MODEL, [grpc_image_input([blob])], headers={
+            "authorization": f"Bearer {key}"}).as_numpy(
+            "embedding").shape == (1, 256)
+        # stored in the key's namespace: found with the key, not without
+        with rest(live) as c:
+            image_id = hashlib.sha256(blob).hexdigest()
+            assert c.get("/embed", params={"id": image_id},
+                         headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        http.close()
+        rpc.close()
