@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,11 @@ import torch
 from PIL import Image
 
 from app.nn import InputSpec, ModelCard, create_model, save_model_dir
+
+# The app serves gRPC on IMGREC_GRPC_PORT (default 8001): tests never listen on a fixed port,
+# so every app and `imgrec serve` a test starts has gRPC off unless the test gives it a free port
+# (tests/test_oip.py does).
+os.environ.setdefault("IMGREC_GRPC_PORT", "0")
 
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
