@@ -375,6 +375,7 @@ def test_http_errors_are_the_protocols(live: LiveServer,
             call()
         assert_rest_error(e, status, fragment)
     url = f"/v2/models/{MODEL}/infer"
+    limit = live.service.settings.max_upload_bytes
     short_header = (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], '
                     b'"parameters": {"binary_data_size": 6}}]}')
     with rest(live) as c:
@@ -391,7 +392,7 @@ def test_http_errors_are_the_protocols(live: LiveServer,
             (c.post(url, content=short_header + b"\x05\x00\x00\x00ab",
                     headers={"Inference-Header-Content-Length": str(len(short_header))}), 400,
              "runs past the end"),
-            (c.post(url, content=b"x" * (10 * 1024 * 1024 + 1)), 413, "exceeds"),
+            (c.post(url, content=b"x" * (limit + 1)), 413, "exceeds"),
             (c.post(url, content=b"{}", headers={"Content-Encoding": "br"}), 400,
              "Content-Encoding br"),
             (c.get(url), 405, "method GET not allowed"),
@@ -401,7 +402,7 @@ def test_http_errors_are_the_protocols(live: LiveServer,
             assert r.status_code == status, (r.status_code, r.text)
             assert fragment in r.json()["error"], r.json()
         # a request body that inflates past the limit is refused, not inflated
-        bomb = gzip.compress(b"\0" * (11 * 1024 * 1024))
+        bomb = gzip.compress(b"\0" * (limit + 1024 * 1024))
         r = c.post(url, content=bomb, headers={"Content-Encoding": "gzip"})
         assert r.status_code == 413 and "decompressed" in r.json()["error"]
         assert c.get("/healthz").status_code == 200  # the process is unharmed
