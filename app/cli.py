@@ -1,13 +1,15 @@
-"""`imgrec` command line: train, evaluate, serve."""
+"""`imgrec` command line: train, evaluate, export, quantize, serve, index."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: imgrec {train,evaluate,serve,index} [options]
+USAGE = """usage: imgrec {train,evaluate,export,quantize,serve,index} [options]
 
   train      train the network and write a model directory (imgrec train --help)
   evaluate   evaluate a model directory on a test split (imgrec evaluate --help)
+  export     write a model directory's inference graph, model.onnx (imgrec export --help)
+  quantize   write and measure a static int8 graph, model.int8.onnx (imgrec quantize --help)
   serve      serve a model directory over HTTP (imgrec serve --help)
   index      embed a folder of images into the embedding store (imgrec index --help)
 """
@@ -27,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
         from app.training.cli import evaluate_main
 
         return evaluate_main(rest)
+    if command == "export":
+        from app.nn.export import export_main
+
+        return export_main(rest)
+    if command == "quantize":
+        from app.nn.quantize import quantize_main
+
+        return quantize_main(rest)
     if command == "serve":
         from app.serving.cli import serve_main
 

@@ -20,9 +20,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU")
     engine: Literal["auto", "torch", "onnxruntime"] = Field(
-        "auto", description="auto = ONNX Runtime on CPU (exported at start-up), PyTorch on CUDA")
+        "auto", description="auto = ONNX Runtime on CPU (the directory's model.onnx, no PyTorch "
+        "loaded; exported at start-up if missing), PyTorch on CUDA")
     torch_threads: int = Field(1, ge=0, description="intra-op threads of the inference engine "
                                "(0 = torch's default); the HTTP side needs a core too")
+    # inference graph precision (issue 15)
+    precision: Literal["float32", "int8"] = Field(
+        "float32", description="int8 = the directory's static int8 graph with ONNX Runtime on "
+        "the CPU; refused unless its card holds the graph's measured test top-1")
     warmup_batches: int = Field(2, ge=0, description="warm-up forward passes before ready")
     # micro-batching
     max_batch_size: int = Field(32, ge=1, description="images per forward pass")

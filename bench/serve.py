@@ -41,7 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.nn import InputSpec, ModelCard, create_model, load_model_dir, save_model_dir  # noqa: E402
+from app.nn import InputSpec, ModelCard, create_model, save_model_dir  # noqa: E402
 
 BOUNDARY = "BENCHBOUNDARY"
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}
@@ -208,14 +208,10 @@ def ceiling(model_dir: Path, threads: int, seconds: float,
             engine: str = "torch") -> tuple[int, float, dict[int, float]]:
     """The network alone through one engine, exactly as served (BNs folded, uint8 batch in,
     normalisation in the engine): images/s per batch size."""
-    from app.nn.fuse import fold_batchnorms
-    from app.serving.engines import build_engine
+    from app.serving.predictor import Predictor
 
-    torch.set_num_threads(threads)
-    loaded = load_model_dir(model_dir)
-    spec = loaded.card.input
-    run = build_engine(engine, fold_batchnorms(loaded.model.eval()), spec, torch.device("cpu"),
-                       torch.float32, threads)
+    predictor = Predictor(model_dir, "cpu", "float32", threads, engine)
+    spec, run = predictor.card.input, predictor.engine
     rates: dict[int, float] = {}
     rng = np.random.default_rng(0)
     for bs in (1, 8, 16, 32, 64, 128):

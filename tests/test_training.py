@@ -178,8 +178,10 @@ def test_tiny_training_run_writes_a_loadable_model_directory(tmp_path: Path) -> 
     assert card.training["command"].startswith("imgrec train") or "app.training" in \
         card.training["command"]
     assert card.training["config"]["epochs"] == 2 and card.data["fingerprint"]["sha256"]
-    for name in ("curves.png", "confusion.png", "MODEL_CARD.md", "train_log.jsonl"):
+    for name in ("curves.png", "confusion.png", "MODEL_CARD.md", "train_log.jsonl", "model.onnx"):
         assert (out / name).is_file(), name
+    # the trainer writes the inference graph the CPU server runs, recorded in the card
+    assert card.graphs["float32"].weights_sha256 == card.weights_sha256
     assert Image.open(out / "curves.png").size[0] > 300
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     epochs = [x for x in log if x["event"] == "epoch"]

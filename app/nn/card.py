@@ -32,6 +32,29 @@ class InputSpec(BaseModel):
         return self
 
 
+class GraphSpec(BaseModel):
+    """An inference graph in the model directory (ONNX): what serving runs without PyTorch.
+
+    ``weights_sha256`` names the weights it was exported from; serving refuses a graph whose
+    weights are not the card's, or whose bytes are not ``sha256``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(pattern=r"^[A-Za-z0-9._-]+\.onnx$", description="file name in the directory")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    precision: Literal["float32", "int8"]
+    opset: int = Field(gt=0)
+    inputs: list[str] = Field(description="uint8 (N, C, size, size) pixels, batch dynamic")
+    outputs: list[str] = Field(description="float32 logits (N, classes), embedding (N, D)")
+    exporter: str = Field(description="the tools that wrote it, with versions")
+    created_at: str = ""
+    # how it was checked or measured: max |onnx - pytorch| at export; for int8 its test top-1
+    # (``test_top1``) with the float32 graph's on the same images, and how it was calibrated
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """card.json. Labels, input size and normalisation come from here, never from constants."""
 
@@ -52,6 +75,8 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     created_at: str = ""
+    # inference graphs by precision ("float32", "int8"), written by `imgrec export` / `quantize`
+    graphs: dict[Literal["float32", "int8"], GraphSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _schema(self) -> ModelCard:

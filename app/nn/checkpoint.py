@@ -6,28 +6,31 @@ pydantic, and the network is rebuilt from the card's preset and architecture arg
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.nn.card import ModelCard
+from app.nn.modeldir import (
+    CARD_FILE,
+    GRAPH_FILES,
+    README_FILE,
+    WEIGHTS_FILE,
+    ModelDirError,
+    atomic_write_text,
+    read_card,
+    sha256_file,
+    verify_weights,
+)
 from app.nn.resnet import PRESETS, PatentResNet, ResNetConfig, count_parameters
 
-WEIGHTS_FILE = "weights.safetensors"
-CARD_FILE = "card.json"
-README_FILE = "MODEL_CARD.md"
-
-
-class ModelDirError(ValueError):
-    """A model directory that cannot be loaded; the message names the problem."""
+__all__ = ["CARD_FILE", "README_FILE", "WEIGHTS_FILE", "LoadedModel", "ModelDirError",
+           "build_from_card", "load_model_dir", "read_card", "render_model_card",
+           "save_model_dir", "sha256_file", "update_card"]
 
 
 @dataclass
@@ -35,22 +38,6 @@ class LoadedModel:
     model: PatentResNet
     card: ModelCard
     path: Path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a server running as another user must read it
-    os.replace(tmp, path)
 
 
 def build_from_card(card: ModelCard) -> PatentResNet:
@@ -81,30 +68,42 @@ def save_model_dir(model: PatentResNet, card: ModelCard, directory: str | Path,
     save_file(state, str(tmp), metadata={"format": "pt", "preset": card.preset})
     os.chmod(tmp, 0o644)
     os.replace(tmp, weights)
+    sha = sha256_file(weights)
+    # a graph exported from other weights no longer describes this directory: drop it
+    stale = [p for p, g in card.graphs.items() if g.weights_sha256 != sha]
+    for precision in stale:
+        (out / GRAPH_FILES[precision]).unlink(missing_ok=True)
     card = card.model_copy(
         update={
+            "graphs": {p: g for p, g in card.graphs.items() if p not in stale},
             "arch": model.config.to_dict(),
             "embedding_dim": model.embedding_dim,
             "parameters": count_parameters(model),
-            "weights_sha256": sha256_file(weights),
+            "weights_sha256": sha,
             "created_at": card.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
-    _atomic_write_text(out / CARD_FILE, card.model_dump_json(indent=2) + "\n")
-    _atomic_write_text(out / README_FILE, render_model_card(card, extra_markdown))
+    atomic_write_text(out / CARD_FILE, card.model_dump_json(indent=2) + "\n")
+    atomic_write_text(out / README_FILE, render_model_card(card, extra_markdown))
     return card
 
 
-def read_card(directory: str | Path) -> ModelCard:
-    path = Path(directory) / CARD_FILE
-    if not path.is_file():
-        raise ModelDirError(f"{path}: no card.json in the model directory (refusing bare weights)")
-    try:
-        return ModelCard.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path}: card.json is not valid JSON ({e})") from None
-    except ValidationError as e:
-        raise ModelDirError(f"{path}: card.json is invalid: {e}") from None
+def update_card(directory: str | Path, card: ModelCard) -> None:
+    """Rewrite card.json and MODEL_CARD.md of an existing directory (the weights stay as they
+    are), keeping what was written below the generated part of MODEL_CARD.md (plots, lineage)."""
+    root = Path(directory)
+    previous = read_card(root)
+    readme = root / README_FILE
+    extra = ""
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        generated = render_model_card(previous)
+        if text.startswith(generated):
+            extra = text[len(generated):].lstrip("\n")
+        elif "\n## Plots" in text:  # edited by hand above the plots: keep from the plots on
+            extra = text[text.index("\n## Plots") + 1:]
+    atomic_write_text(root / CARD_FILE, card.model_dump_json(indent=2) + "\n")
+    atomic_write_text(readme, render_model_card(card, extra))
 
 
 def load_model_dir(directory: str | Path, verify_sha256: bool = True) -> LoadedModel:
@@ -118,12 +117,7 @@ def load_model_dir(directory: str | Path, verify_sha256: bool = True) -> LoadedM
     if not weights.is_file():
         raise ModelDirError(f"{weights}: weights file is missing")
     if verify_sha256:
-        actual = sha256_file(weights)
-        if actual != card.weights_sha256:
-            raise ModelDirError(
-                f"{weights}: sha256 mismatch (card says {card.weights_sha256 or 'nothing'}, "
-                f"file is {actual})"
-            )
+        verify_weights(root, card)
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -173,6 +167,19 @@ def render_model_card(card: ModelCard, extra_markdown: str = "") -> str:
     if isinstance(per_class, dict):
         lines += ["## Per-class accuracy (test)", "", "| class | top-1 % |", "|---|---|"]
         lines += [f"| {k} | {_fmt_metric(v)} |" for k, v in per_class.items()]
+        lines.append("")
+    if card.graphs:
+        lines += ["## Inference graphs (ONNX, run by the CPU server without PyTorch)", ""]
+        for precision, g in card.graphs.items():
+            measured = ""
+            if isinstance(g.metrics.get("test_top1"), int | float):
+                measured = (f"; test top-1 {g.metrics['test_top1']:.2f}% on "
+                            f"{g.metrics.get('test_images', '?')} images")
+                ref = g.metrics.get("float32_test_top1")
+                if isinstance(ref, int | float):
+                    measured += f" (float32 graph {ref:.2f}% on the same images)"
+            lines.append(f"- {precision}: `{g.file}`, sha256 `{g.sha256}`, exported from "
+                         f"weights `{g.weights_sha256[:12]}`, opset {g.opset}{measured}")
         lines.append("")
     if card.training.get("command"):
         lines += ["## How it was made", "", "```", str(card.training["command"]), "```", ""]

@@ -1,20 +1,25 @@
-"""The network on its device: load from a model directory, warm up, run batches."""
+"""The network on its device: load from a model directory, warm up, run batches.
+
+On the CPU with ONNX Runtime nothing here imports torch: the card is read and the weights and
+the inference graph are checked by ``app.nn.modeldir``, and ONNX Runtime runs the directory's
+graph. PyTorch is imported only for the torch engine (CUDA, or ``IMGREC_ENGINE=torch``) and,
+as a fallback, to export a graph at start-up for a directory that has none.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from app.nn.checkpoint import LoadedModel, load_model_dir
-from app.nn.fuse import fold_batchnorms
-from app.serving.engines import build_engine
+from app.nn.modeldir import ModelDirError, graph_path, int8_accuracy, open_model_dir
+from app.serving.engines import Engine, OnnxRuntimeEngine, onnxruntime_available
 
 log = logging.getLogger("imgrec.predictor")
 
@@ -25,44 +30,101 @@ class Prediction:
     embedding: np.ndarray  # (embedding_dim,) float32
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"IMGREC_DEVICE={name} but CUDA is not available")
-    return device
+def _gpu_may_exist() -> bool:
+    """False when this machine certainly has no usable NVIDIA GPU (no driver, or none
+    visible), so that ``IMGREC_DEVICE=auto`` need not import torch to find out."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_device(name: str) -> str:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+        if not _gpu_may_exist():
+            return "cpu"
+        from app.serving.engine_torch import cuda_available
+
+        return "cuda" if cuda_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"IMGREC_DEVICE={name!r}: use auto, cpu, cuda or cuda:N")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    if name == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return name
 
 
 class Predictor:
     """Holds the model; ``forward`` is called on the batcher's single inference thread."""
 
     def __init__(self, model_dir: str | os.PathLike[str], device: str = "auto",
-                 dtype: str = "auto", threads: int = 1, engine: str = "auto") -> None:
-        if threads:
-            torch.set_num_threads(threads)
+                 dtype: str = "auto", threads: int = 1, engine: str = "auto",
+                 precision: str = "float32") -> None:
+        started = time.perf_counter()
+        root, self.card = open_model_dir(model_dir)  # refuses weights that are not the card's
+        self.model_key = self.card.weights_sha256
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        loaded: LoadedModel = load_model_dir(Path(model_dir))
-        self.card = loaded.card
-        self.model_key = loaded.card.weights_sha256
-        # BNs that directly follow a conv are folded into it: same function, fewer passes
-        model = fold_batchnorms(loaded.model.eval())
-        self.engine = build_engine(engine, model, self.card.input, self.device, self.dtype,
-                                   threads)
+        cpu = self.device == "cpu"
+        if engine == "auto":
+            engine = ("onnxruntime" if cpu and self.dtype == "float32"
+                      and onnxruntime_available() else "torch")
+        if engine not in ("onnxruntime", "torch"):
+            raise ValueError(f"unknown engine {engine!r} (auto, torch, onnxruntime)")
+        if precision not in ("float32", "int8"):
+            raise ValueError(f"unknown precision {precision!r} (float32, int8)")
+        if engine == "onnxruntime" and not cpu:
+            raise ValueError("IMGREC_ENGINE=onnxruntime runs on the CPU; use torch on CUDA")
+        if precision == "int8":
+            if engine != "onnxruntime":
+                raise ValueError("IMGREC_PRECISION=int8 runs the int8 graph with ONNX Runtime on "
+                                 f"the CPU, not with engine {engine} on {self.device}")
+            self.dtype = "int8"
+        self.engine: Engine
+        if engine == "onnxruntime":
+            self.engine = self._onnxruntime(root, precision, threads)
+        else:
+            from app.serving.engine_torch import torch_engine
+
+            self.engine = torch_engine(str(root), self.device, self.dtype, threads)
         spec = self.card.input
         self.image_shape = (spec.channels, spec.size, spec.size)
         self.image_bytes = spec.channels * spec.size * spec.size
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
-        log.info("loaded %s (%s, %d parameters) on %s as %s with %s", self.card.name,
+        log.info("loaded %s (%s, %d parameters) on %s as %s with %s in %.2f s", self.card.name,
                  self.card.preset, self.card.parameters, self.device, self.dtype,
-                 self.engine.name)
+                 self.engine.name, time.perf_counter() - started)
+
+    def _onnxruntime(self, root: Path, precision: str, threads: int) -> OnnxRuntimeEngine:
+        if precision == "int8":
+            graph = graph_path(root, self.card, "int8")
+            if graph is None:
+                raise ModelDirError(f"{root}: IMGREC_PRECISION=int8 but the card records no "
+                                    f"int8 graph; make one with imgrec quantize {root}")
+            accuracy = int8_accuracy(self.card)
+            if accuracy is None:
+                raise ModelDirError(
+                    f"{root}: IMGREC_PRECISION=int8 but the card holds no measured test top-1 "
+                    f"for the int8 graph; refusing to serve an unmeasured int8 network "
+                    f"(imgrec quantize {root} measures it)")
+            log.info("serving the int8 graph %s (test top-1 %.2f%%, float32 %s%%)", graph.name,
+                     accuracy, self.card.graphs["int8"].metrics.get("float32_test_top1", "?"))
+            return OnnxRuntimeEngine(graph, threads)
+        graph = graph_path(root, self.card, "float32")
+        if graph is not None:
+            return OnnxRuntimeEngine(graph, threads)
+        log.warning("%s has no inference graph (model.onnx): exporting one at start-up with "
+                    "PyTorch, which then stays loaded in this process; run `imgrec export %s` "
+                    "once to start in a fraction of the time and memory", root, root)
+        from app.serving.engine_torch import export_graph_bytes
+
+        exported = time.perf_counter()
+        data = export_graph_bytes(str(root), threads)
+        log.info("exported to ONNX in %.1f s", time.perf_counter() - exported)
+        return OnnxRuntimeEngine(data, threads)
 
     def warm_up(self, batches: int, batch_size: int) -> None:
         blank = bytes(self.image_bytes)

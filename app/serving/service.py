@@ -83,7 +83,7 @@ class Service:
             backoff_max_s=s.embed_store_backoff_max_s)
         await asyncio.to_thread(self.store.start)
         self.predictor = await asyncio.to_thread(
-            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, s.engine)
+            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, s.engine, s.precision)
         self.batcher = MicroBatcher(
             self._forward, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,

@@ -320,6 +320,11 @@ def train(cfg: TrainConfig) -> Path:
                        f"{card.name}: test top-1 {test.top1:.2f}% (n={test.n})")
         extra = "## Plots\n\n![curves](curves.png)\n\n![confusion](confusion.png)\n"
         save_model_dir(model, card, out, extra_markdown=extra)
+        # the inference graph (model.onnx), recorded in the card: the CPU server runs it
+        # without importing PyTorch
+        from app.nn.export import export_model_dir
+
+        export_model_dir(out)
         log.write(event="done", test_top1=test.top1, stop_reason=reason, wall_time_s=wall)
         print(f"test top-1 {test.top1:.2f}% on {test.n} images; {reason}; wrote {out}",
               file=sys.stderr)
