@@ -79,3 +79,29 @@ def test_served_predictions_are_right_and_photo_sized_uploads_agree(
     agreement = np.mean(np.array(small) == np.array(large))
     assert accuracy >= 0.9, accuracy
     assert agreement >= 0.95, agreement
+
+
+def test_the_shipped_model_holds_its_graphs_and_the_int8_one_is_as_accurate() -> None:
+    """model.onnx and model.int8.onnx are the card's (sha256, exported from these weights), and
+    the int8 graph reaches the test top-1 the card records, within 0.3 points of float32."""
+    import onnxruntime as ort
+
+    from app.nn.modeldir import graph_path, read_card
+
+    card = read_card(SHIPPED)
+    paths = {p: graph_path(SHIPPED, card, p) for p in ("float32", "int8")}
+    int8 = card.graphs["int8"].metrics
+    assert int8["test_images"] == 10_000
+    assert abs(int8["top1_difference_points"]) <= 0.3
+    assert int8["float32_test_top1"] == card.metrics["test_top1"]
+    data = load_fashion_mnist("fashion-mnist")
+    images, labels = data.test.images.numpy(), data.test.labels.numpy()
+    for precision, path in paths.items():
+        assert path is not None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        predicted = np.concatenate([
+            session.run(["logits"], {"images": images[i:i + 500]})[0].argmax(1)
+            for i in range(0, len(images), 500)])
+        top1 = float((predicted == labels).mean() * 100)
+        claimed = int8["test_top1"] if precision == "int8" else card.metrics["test_top1"]
+        assert abs(top1 - claimed) <= 0.05, (precision, top1, claimed)
