@@ -108,7 +108,7 @@ def in_process(model_dir: Path, precision: str, batches: tuple[int, ...], second
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
 
-def prepare_resnet50(tmp: Path) -> Path:
+def prepare_resnet50(parent: Path) -> Path:
     """resnet50 preset, random weights, with its graph and a calibrated int8 graph. Its card's
     int8 'accuracy' is measured on 32 Fashion-MNIST images against 1000 random classes: only
     the gate IMGREC_PRECISION=int8 needs, not a figure to read."""
@@ -116,7 +116,8 @@ def prepare_resnet50(tmp: Path) -> Path:
     from app.nn.modeldir import read_card
     from app.nn.quantize import load_split_arrays, quantize_model_dir
 
-    d = random_model(tmp, "resnet50")
+    parent.mkdir(parents=True, exist_ok=True)
+    d = random_model(parent, "resnet50")
     export_model_dir(d)
     card = read_card(SHIPPED)
     calibration, images, _, source = load_split_arrays(card, None, 32, 32, 0)
@@ -132,9 +133,10 @@ def measure(name: str, model_dir: Path, tmp: Path, args: argparse.Namespace, kin
     if not bodies.exists():
         make_bodies(bodies, 500, kind)
     result: dict[str, object] = {"model": name}
+    skip = set(args.skip.split(","))
     # 1, 2: ready time over several starts; memory when ready and after a minute of load
     readies = []
-    for i in range(args.starts):
+    for i in range(0 if "ready" in skip else args.starts):
         port = free_port()
         proc, ready = spawn(model_dir, port, tmp, {})
         readies.append(ready)
@@ -147,14 +149,15 @@ def measure(name: str, model_dir: Path, tmp: Path, args: argparse.Namespace, kin
                           load_rps=run.rps, load_errors=run.errors,
                           load_seconds=args.load_seconds)
         stop(proc)
-    result["ready_s"] = readies
-    result["ready_s_median"] = statistics.median(readies)
+    if readies:
+        result["ready_s"] = readies
+        result["ready_s_median"] = statistics.median(readies)
     # 3: in-process throughput, float32 vs int8
-    for precision in ("float32", "int8"):
+    for precision in () if "in-process" in skip else ("float32", "int8"):
         result[f"in_process_{precision}"] = in_process(model_dir, precision, batches,
                                                        args.seconds / 2)
-    # 4: served throughput, float32 vs int8, alternating
-    for precision in ("float32", "int8"):
+    # 4: served throughput, float32 vs int8
+    for precision in () if "served" in skip else ("float32", "int8"):
         port = free_port()
         proc, _ = spawn(model_dir, port, tmp, {"IMGREC_PRECISION": precision})
         wrk(port, 4, 2, bodies, 500, proc.pid, "warm-up")
@@ -172,6 +175,10 @@ def main() -> int:
     p.add_argument("--starts", type=int, default=3)
     p.add_argument("--load-seconds", type=float, default=60.0)
     p.add_argument("--seconds", type=float, default=10.0, help="per throughput run")
+    p.add_argument("--resnet50-dir", type=Path, help="keep the prepared resnet50 directory here "
+                   "(reused when it already holds both graphs)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: ready, "
+                   "in-process, served")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
@@ -192,7 +199,9 @@ def main() -> int:
             print(json.dumps(r), flush=True)
             results.append(r)
         if args.only in (None, "resnet50"):
-            d = prepare_resnet50(tmp)
+            d = args.resnet50_dir
+            if d is None or not (d / "model.int8.onnx").is_file():
+                d = prepare_resnet50(d.parent if d is not None else tmp)
             r = measure("resnet50 (random weights, 224 px)", d, tmp, args, "jpeg224",
                         (1, 16), 16)
             print(json.dumps(r), flush=True)
