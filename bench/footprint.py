@@ -1,7 +1,9 @@
 """The CPU serving process's footprint, and float32 vs int8: prints figures, asserts nothing.
 
 For the shipped model (and the `resnet50` preset with random weights at 224 px):
-1. time from spawn to ready (`/readyz` 200) of `imgrec serve`, over several starts;
+1. time from spawn to ready (`/readyz` 200) of `imgrec serve`, over several starts, and the CPU
+   time the process used until then (on a busy machine the wall time mostly measures the wait
+   for a core); once also for the shipped model without its graph (exported at start-up);
 2. PSS and RSS of the serving process when ready and after a minute of load (wrk, concurrency
    16, distinct uploads), from /proc/PID/smaps_rollup; whether torch is mapped;
 3. in-process throughput of the ONNX Runtime engine, float32 vs int8 graph, batch 1 and 32
@@ -52,6 +54,11 @@ def memory_kib(pid: int) -> dict[str, int]:
 def maps_torch(pid: int) -> bool:
     return any("libtorch" in line or "/torch/" in line
                for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def spawn(model_dir: Path, port: int, tmp: Path, extra: dict[str, str]
@@ -127,6 +134,30 @@ def prepare_resnet50(parent: Path) -> Path:
     return d
 
 
+def without_graphs(tmp: Path) -> Path:
+    """The shipped directory as it was before it held its graph: exported at every start."""
+    from app.nn.modeldir import CARD_FILE, read_card
+
+    d = tmp / "fashion-mnist-no-graph"
+    shutil.copytree(SHIPPED, d)
+    for name in ("model.onnx", "model.int8.onnx"):
+        (d / name).unlink()
+    card = read_card(d).model_copy(update={"graphs": {}})
+    (d / CARD_FILE).write_text(card.model_dump_json(indent=2))
+    return d
+
+
+def baseline(tmp: Path) -> dict[str, object]:
+    """One start of the shipped model without its graph (export at start-up, torch loaded)."""
+    port = free_port()
+    proc, ready = spawn(without_graphs(tmp), port, tmp, {})
+    out = {"model": "fashion-mnist without model.onnx (export at start-up)", "ready_s": ready,
+           "ready_cpu_s": cpu_s(proc.pid), "pss_ready_mib": memory_kib(proc.pid)["Pss"] / 1024,
+           "torch_mapped": maps_torch(proc.pid)}
+    stop(proc)
+    return out
+
+
 def measure(name: str, model_dir: Path, tmp: Path, args: argparse.Namespace, kind: str,
             batches: tuple[int, ...], conc: int) -> dict[str, object]:
     bodies = tmp / f"bodies-{kind}"
@@ -135,11 +166,12 @@ def measure(name: str, model_dir: Path, tmp: Path, args: argparse.Namespace, kin
     result: dict[str, object] = {"model": name}
     skip = set(args.skip.split(","))
     # 1, 2: ready time over several starts; memory when ready and after a minute of load
-    readies = []
+    readies, cpus = [], []
     for i in range(0 if "ready" in skip else args.starts):
         port = free_port()
         proc, ready = spawn(model_dir, port, tmp, {})
         readies.append(ready)
+        cpus.append(cpu_s(proc.pid))
         if i == 0:
             result["pss_ready_mib"] = memory_kib(proc.pid)["Pss"] / 1024
             result["torch_mapped"] = maps_torch(proc.pid)
@@ -152,6 +184,9 @@ def measure(name: str, model_dir: Path, tmp: Path, args: argparse.Namespace, kin
     if readies:
         result["ready_s"] = readies
         result["ready_s_median"] = statistics.median(readies)
+        # CPU time the process used until ready: what the start costs on an idle core
+        result["ready_cpu_s"] = cpus
+        result["ready_cpu_s_median"] = statistics.median(cpus)
     # 3: in-process throughput, float32 vs int8
     for precision in () if "in-process" in skip else ("float32", "int8"):
         result[f"in_process_{precision}"] = in_process(model_dir, precision, batches,
@@ -178,7 +213,7 @@ def main() -> int:
     p.add_argument("--resnet50-dir", type=Path, help="keep the prepared resnet50 directory here "
                    "(reused when it already holds both graphs)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: ready, "
-                   "in-process, served")
+                   "in-process, served, baseline")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
@@ -191,6 +226,8 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="imgrec-footprint-") as t:
         tmp = Path(t)
+        if args.only in (None, "fashion") and "baseline" not in args.skip:
+            print(json.dumps(baseline(tmp)), flush=True)
         if args.only in (None, "fashion"):
             r = measure("fashion-mnist (shipped)", SHIPPED, tmp, args, "png28", (1, 32), 64)
             m = read_card(SHIPPED).graphs["int8"].metrics
