@@ -211,14 +211,7 @@ def test_quantize_measures_int8_and_int8_serves(copy_of: Path) -> None:
         assert cosine > 0.95  # the same network, in int8
 
 
-# Until the upload decoder is torch-free (issue 11: app.serving.images imports app.nn.preprocess,
-# which imports torch and torchvision), the ONNX Runtime server still maps PyTorch for that
-# reason alone; strict, so that the marker fails the suite the moment it is no longer needed.
-DECODER_PULLS_TORCH = pytest.mark.xfail(
-    strict=True, reason="app.serving.images imports torch through app.nn.preprocess (issue 11)")
-
-
-@pytest.fixture(params=[pytest.param("onnxruntime", marks=DECODER_PULLS_TORCH), "torch"])
+@pytest.fixture(params=["onnxruntime", "torch"])
 def served(request: pytest.FixtureRequest, exported: Path, tmp_path: Path
            ) -> Iterator[tuple[str, str, int]]:
     port = free_port()
