@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class JSONBytes(Response):
@@ -41,6 +42,20 @@ HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
               503: "unavailable", 504: "deadline_exceeded"}
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's own 405 names only the methods
+    of the first route that matched the path (``OPTIONS /embed`` said ``Allow: POST`` although
+    ``GET /embed`` exists)."""
+    routes = request.app.router.routes
+    methods = [m for m in METHODS
+               if any(route.matches({**request.scope, "method": m})[0] == Match.FULL
+                      for route in routes)]
+    return ", ".join(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONBytes:
@@ -55,9 +70,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_parameters", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONBytes:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONBytes:
         code = HTTP_CODES.get(exc.status_code, "error")
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
         return error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)

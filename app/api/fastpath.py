@@ -8,6 +8,7 @@ the FastAPI routes; everything else goes through FastAPI as usual.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -19,6 +20,9 @@ from app.api.routes import embed, predict
 
 TRUE = {"true", "1", "yes", "on", "t", "y"}
 FALSE = {"false", "0", "no", "off", "f", "n"}
+# what the OpenAPI document's "integer" means: ASCII digits (int() would also take "1_0", " 5"
+# and non-ASCII digits)
+INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _last(params: dict[str, list[str]], name: str) -> str | None:
@@ -41,11 +45,9 @@ def _int(params: dict[str, list[str]], name: str, default: int, minimum: int) ->
     raw = _last(params, name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameters",
-                       f"{name}: Input should be a valid integer") from None
+    if not INTEGER.fullmatch(raw):
+        raise ApiError(422, "invalid_parameters", f"{name}: Input should be a valid integer")
+    value = int(raw)
     if value < minimum:
         raise ApiError(422, "invalid_parameters",
                        f"{name}: Input should be greater than or equal to {minimum}")
@@ -66,7 +68,8 @@ class FastPathMiddleware:
         request = Request(scope, receive)
         response: Response
         try:
-            params = parse_qs(scope["query_string"].decode("latin-1"))
+            # blank values kept: "top_k=" is a bad integer, not an absent one
+            params = parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
             service = scope["app"].state.service
             if scope["path"] == "/predict":
                 response = await predict(request, service,

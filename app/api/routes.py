@@ -7,36 +7,33 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 
 from app.api.errors import ApiError, JSONBytes
 from app.api.multipart import read_uploads
+from app.api.openapi import PROMETHEUS_TEXT, errors, image_upload_body
+from app.api.schemas import EmbedResponse, Health, ModelInfo, PredictResponse, Ready
 from app.serving.service import ImageResult, Service, ServiceError
 
 router = APIRouter()
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 STORED_HEADER = "X-Imgrec-Stored"
+SHA256_ANY_CASE = "^[0-9a-fA-F]{64}$"  # ids are lower-cased before the lookup
+# 100 ids are a 6.8 kB query: within nginx's default 8 kB request line and uvicorn's (httptools)
+# header limit. 1000 (68 kB) were refused by the HTTP parser before reaching the route.
+MAX_LOOKUP_IDS = 100
 
-MULTIPART_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["file"],
-            "properties": {"file": {"type": "array",
-                                    "items": {"type": "string", "format": "binary"},
-                                    "description": "one or more images (JPEG, PNG, WebP, "
-                                                   "BMP, GIF)"}},
-        }}},
-    },
-}
-ERRORS_DOC: dict[int | str, dict[str, Any]] = {
-    400: {"description": "malformed multipart body or no file"},
-    413: {"description": "body over max_upload_bytes, or image over max_image_pixels"},
-    415: {"description": "not an image in an allowed format"},
-    422: {"description": "bad query parameters"},
-    503: {"description": "overloaded or not ready (Retry-After)"},
-    504: {"description": "request deadline passed while queued"},
-}
+UPLOAD_ERRORS = errors({
+    400: "malformed multipart body, or no part named `file`",
+    413: "body over IMGREC_MAX_UPLOAD_BYTES, more than IMGREC_MAX_FILES files, or an image over "
+         "IMGREC_MAX_IMAGE_PIXELS",
+    415: "a file is not an image in an allowed format, or cannot be decoded",
+    422: "bad query parameters",
+    500: "the forward pass failed (this request only; the service goes on)",
+    503: "overloaded (queue full), warming up or shutting down",
+    504: "the request's deadline (IMGREC_REQUEST_TIMEOUT_MS) passed while queued",
+})
+NOT_READY = errors({503: "the model is still loading"})
 
 
 async def get_service(request: Request) -> Service:
@@ -86,8 +83,8 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / norm if norm > 0 else v
 
 
-@router.post("/predict", openapi_extra=MULTIPART_DOC, responses=ERRORS_DOC,
-             summary="Classify one or more uploaded images")
+@router.post("/predict", openapi_extra=image_upload_body(), responses=UPLOAD_ERRORS,
+             response_model=PredictResponse, summary="Classify one or more uploaded images")
 async def predict(
     request: Request,
     service: ServiceDep,
@@ -118,7 +115,8 @@ async def predict(
                      headers=stored_header(results))
 
 
-@router.post("/embed", openapi_extra=MULTIPART_DOC, responses=ERRORS_DOC,
+@router.post("/embed", openapi_extra=image_upload_body(), responses=UPLOAD_ERRORS,
+             response_model=EmbedResponse,
              summary="Feature vectors of uploaded images (kept in the embedding store)")
 async def embed(
     request: Request,
@@ -132,13 +130,18 @@ async def embed(
                      headers=stored_header(results))
 
 
-@router.get("/embed", responses={404: {"description": "unknown ids (named in the message)"},
-                                 422: {"description": "missing or malformed id"}},
+@router.get("/embed", response_model=EmbedResponse,
+            responses=errors({404: "unknown ids (named in the message)",
+                              422: f"missing or malformed id, or more than {MAX_LOOKUP_IDS}",
+                              503: "the embedding store is unavailable, or not ready"}),
             summary="Vectors of images the service has already processed")
 async def embed_lookup(
     request: Request,
     service: ServiceDep,
-    id: Annotated[list[str], Query(description="sha256 hex of an image's bytes; repeatable")],
+    id: Annotated[list[str], Query(description="sha256 hex of an image's bytes; repeatable",
+                                   min_length=1, max_length=MAX_LOOKUP_IDS,
+                                   json_schema_extra={"items": {"type": "string",
+                                                                "pattern": SHA256_ANY_CASE}})],
     normalize: Annotated[bool, Query(description="scale each vector to unit length")] = False,
 ) -> JSONBytes:
     ids = [i.lower() for i in id]
@@ -146,8 +149,8 @@ async def embed_lookup(
     if bad:
         raise ApiError(422, "invalid_parameters",
                        f"id: not a sha256 hex digest: {', '.join(bad[:5])}")
-    if len(ids) > 1000:
-        raise ApiError(422, "invalid_parameters", "id: at most 1000 ids per request")
+    if len(ids) > MAX_LOOKUP_IDS:
+        raise ApiError(422, "invalid_parameters", f"id: at most {MAX_LOOKUP_IDS} ids per request")
     try:
         found = await service.lookup(ids, namespace=namespace_of(request))
     except ServiceError as e:
@@ -160,7 +163,8 @@ async def embed_lookup(
                                    else found[i]} for i in ids]})
 
 
-@router.get("/model", summary="The model card's facts, device, dtype and batching settings")
+@router.get("/model", response_model=ModelInfo, responses=NOT_READY,
+            summary="The model card's facts, device, dtype and batching settings")
 async def model_info(service: ServiceDep) -> JSONBytes:
     if service.predictor is None:
         raise ApiError(503, "not_ready", "the model is still loading",
@@ -183,13 +187,13 @@ async def model_info(service: ServiceDep) -> JSONBytes:
     })
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
 async def healthz() -> JSONBytes:
     return JSONBytes({"status": "ok"})
 
 
 @router.get("/readyz", summary="Readiness: model loaded and warm, not draining",
-            responses={503: {"description": "warming up or draining"}})
+            response_model=Ready, responses=errors({503: "warming up or draining"}))
 async def readyz(service: ServiceDep) -> JSONBytes:
     if service.ready and not service.draining:
         return JSONBytes({"status": "ready"})
@@ -198,6 +202,8 @@ async def readyz(service: ServiceDep) -> JSONBytes:
                    {"Retry-After": str(service.settings.retry_after_s)})
 
 
-@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format 0.0.4",
+                             "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}}}})
 async def metrics(service: ServiceDep) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(service.metrics.registry), media_type=PROMETHEUS_TEXT)

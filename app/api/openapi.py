@@ -1,0 +1,148 @@
+"""The OpenAPI document's shared pieces, so that every route describes what it really does.
+
+CI runs schemathesis with all its checks against ``/openapi.json`` of a live server
+(tests/test_openapi_conformance.py): every status a route can answer, the body and content type
+of each, every parameter's bounds and the request body's media types have to be in here. Routes
+of any protocol reuse these pieces:
+
+- ``Error`` / ``errors(...)``: the JSON error body ``{"error": {"code", "message"}}`` as one
+  named component schema, and the ``responses=`` entries for a route's error statuses (503
+  and 429 also document ``Retry-After``).
+- ``image_upload_body()``: ``openapi_extra`` for a multipart body of one or more ``file``
+  parts, each an image in one of ``ALLOWED_FORMATS`` (its media types are derived from that
+  set, so a format added there is documented here); the part count is bounded by
+  ``IMGREC_MAX_FILES`` through the ``ImageUploads`` component filled in by
+  ``install_openapi``.
+- ``install_openapi(app)``: builds the document once the model is loaded, with the bounds that
+  come from the running configuration (``max_files``, ``top_k`` up to the model's classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, Field
+
+from app.serving.images import ALLOWED_FORMATS
+
+# PIL's format names -> the registered media types (PIL.Image.MIME knows most, but only after
+# every plugin was imported; these are the IANA names a client sends).
+_MEDIA_TYPES = {
+    "JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
+    "GIF": "image/gif", "TIFF": "image/tiff", "AVIF": "image/avif", "HEIF": "image/heif",
+    "HEIC": "image/heic", "JPEG2000": "image/jp2", "ICO": "image/x-icon",
+}
+UPLOADS_COMPONENT = "ImageUploads"
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. unsupported_image")
+    message: str = Field(description="what was wrong, for people")
+
+
+class Error(BaseModel):
+    """Every error answer: the status says the class, ``code`` the reason."""
+
+    error: ErrorDetail
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
+                                "schema": {"type": "integer", "minimum": 0}}}
+
+
+def errors(statuses: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries for error statuses: ``{status: description}`` -> each documented
+    with the ``Error`` JSON body (and ``Retry-After`` for 503 and 429)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status, description in statuses.items():
+        entry: dict[str, Any] = {"description": description, "model": Error}
+        if status in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        out[status] = entry
+    return out
+
+
+def image_media_types() -> list[str]:
+    """The media types of ``ALLOWED_FORMATS``, sorted."""
+    return sorted(media_type_formats())
+
+
+def media_type_formats() -> dict[str, str]:
+    """Media type -> PIL format name, for the formats in ``ALLOWED_FORMATS``."""
+    return {_MEDIA_TYPES.get(f, f"image/{f.lower()}"): f for f in sorted(ALLOWED_FORMATS)}
+
+
+def image_upload_body(description: str = "one or more images") -> dict[str, Any]:
+    """``openapi_extra`` for a multipart body of one or more ``file`` image parts."""
+    formats = ", ".join(sorted(ALLOWED_FORMATS))
+    return {"requestBody": {
+        "required": True,
+        "description": f"{description} ({formats}), each a part named `file`; other parts are "
+                       "ignored. The format is read from the bytes, not from the part's "
+                       "Content-Type.",
+        "content": {"multipart/form-data": {
+            "schema": {"$ref": f"#/components/schemas/{UPLOADS_COMPONENT}"},
+            "encoding": {"file": {"contentType": ", ".join(image_media_types())}},
+        }},
+    }}
+
+
+def _uploads_schema(max_files: int) -> dict[str, Any]:
+    return {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {
+            "type": "array", "minItems": 1, "maxItems": max_files,
+            "items": {"type": "string", "format": "binary"},
+            "description": f"the images, 1 to {max_files} (IMGREC_MAX_FILES) parts named "
+                           "`file`",
+        }},
+    }
+
+
+# (path, method, query parameter): its maximum is the loaded model's number of classes
+LABEL_BOUNDED = [("/predict", "post", "top_k")]
+# further changes to the document, applied in order (e.g. security schemes)
+PATCHES: list[Callable[[FastAPI, dict[str, Any]], None]] = []
+
+
+def _build(app: FastAPI) -> tuple[dict[str, Any], bool]:
+    doc = get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
+                      summary=app.summary, description=app.description, routes=app.routes,
+                      tags=app.openapi_tags, servers=app.servers)
+    settings = app.state.settings
+    doc.setdefault("components", {}).setdefault("schemas", {})[UPLOADS_COMPONENT] = \
+        _uploads_schema(settings.max_files)
+    service = getattr(app.state, "service", None)
+    predictor = getattr(service, "predictor", None)
+    complete = predictor is not None
+    if predictor is not None:
+        classes = len(predictor.card.labels)
+        for path, method, name in LABEL_BOUNDED:
+            op = doc["paths"].get(path, {}).get(method, {})
+            for p in op.get("parameters", []):
+                if p["name"] == name and p["in"] == "query":
+                    p["schema"]["maximum"] = classes
+                    p["description"] = f"{p.get('description', name)}; this model has " \
+                                       f"{classes}"
+    for patch in PATCHES:
+        patch(app, doc)
+    return doc, complete
+
+
+def install_openapi(app: FastAPI) -> None:
+    """``app.openapi()`` from the routes plus the running configuration; cached once the model
+    is loaded (before that, bounds taken from the model are left out)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc, complete = _build(app)
+        if complete:
+            app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

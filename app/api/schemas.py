@@ -1,0 +1,90 @@
+"""The JSON bodies of the routes' 200 answers, as pydantic models for the OpenAPI document.
+
+The routes still answer with ``JSONBytes`` (orjson, vectors straight from numpy): FastAPI does
+not validate or re-serialise a returned Response, so these models cost nothing per request.
+tests/test_openapi_conformance.py has schemathesis check every answer against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.nn.card import InputSpec
+
+Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the image's bytes")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Label(BaseModel):
+    label: str
+    index: int = Field(ge=0, description="the class's position in the model's labels")
+    score: float = Field(ge=0, le=1, description="softmax probability")
+
+
+class Prediction(BaseModel):
+    id: str = Sha256
+    filename: str | None = Field(description="the part's filename, if it had one")
+    labels: list[Label] = Field(description="top_k labels, best first")
+    embedding: list[float] | None = Field(
+        default=None, description="the feature vector, only with embedding=true")
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    results: list[Prediction] = Field(description="one per file part, in upload order")
+
+
+class Embedding(BaseModel):
+    id: str = Sha256
+    embedding: list[float]
+
+
+class EmbedResponse(BaseModel):
+    model: ModelRef
+    results: list[Embedding] = Field(description="one per image, in request order")
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue: int
+    request_timeout_ms: float
+
+
+class Limits(BaseModel):
+    max_files: int
+    max_upload_bytes: int
+    max_image_pixels: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    description: str
+    preset: str
+    parameters: int
+    labels: list[str]
+    input: InputSpec
+    embedding_dim: int
+    weights_sha256: str
+    metrics: dict[str, Any] = Field(description="the card's evaluation metrics")
+    device: str
+    dtype: str
+    engine: str
+    instance: str = Field(description="host:pid of the serving process")
+    batching: Batching
+    limits: Limits
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
