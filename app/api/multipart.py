@@ -7,6 +7,7 @@ oversized upload is refused before it is buffered. Only parts named ``file`` are
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -16,6 +17,9 @@ from starlette.requests import ClientDisconnect, Request
 from app.api.errors import ApiError
 
 FILE_FIELD = "file"
+# python-multipart logs a WARNING for every malformed body before raising: a client could fill
+# the log at will. The parse error is answered as a 400 (and counted in the metrics) instead.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 @dataclass(slots=True)
