@@ -128,9 +128,31 @@ def _build(app: FastAPI) -> tuple[dict[str, Any], bool]:
                     p["schema"]["maximum"] = classes
                     p["description"] = f"{p.get('description', name)}; this model has " \
                                        f"{classes}"
+    _validation_errors_are_errors(doc)
     for patch in PATCHES:
         patch(app, doc)
     return doc, complete
+
+
+def _validation_errors_are_errors(doc: dict[str, Any]) -> None:
+    """FastAPI documents a route's 422 as its own ``HTTPValidationError``; the app answers every
+    validation error with the ``Error`` body (app/api/errors.py), so say that."""
+    schemas = doc.get("components", {}).get("schemas", {})
+    if "HTTPValidationError" not in schemas:
+        return
+    fastapi_ref = {"$ref": "#/components/schemas/HTTPValidationError"}
+    for item in doc["paths"].values():
+        for op in item.values():
+            for response in op.get("responses", {}).values():
+                media = response.get("content", {}).get("application/json", {})
+                if media.get("schema") == fastapi_ref:
+                    media["schema"] = {"$ref": "#/components/schemas/Error"}
+    if "Error" not in schemas:
+        error = Error.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(error.pop("$defs", {}))
+        schemas["Error"] = error
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
 
 
 def install_openapi(app: FastAPI) -> None:
