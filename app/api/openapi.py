@@ -138,12 +138,13 @@ def _validation_errors_are_errors(doc: dict[str, Any]) -> None:
     """FastAPI documents a route's 422 as its own ``HTTPValidationError``; the app answers every
     validation error with the ``Error`` body (app/api/errors.py), so say that."""
     schemas = doc.get("components", {}).get("schemas", {})
-    if "HTTPValidationError" not in schemas:
-        return
     fastapi_ref = {"$ref": "#/components/schemas/HTTPValidationError"}
     for item in doc["paths"].values():
         for op in item.values():
-            for response in op.get("responses", {}).values():
+            for status, response in op.get("responses", {}).items():
+                if str(status) in ("429", "503"):  # every refusal of the app says when to retry
+                    response.setdefault("headers", {}).setdefault("Retry-After",
+                                                                  _RETRY_AFTER["Retry-After"])
                 media = response.get("content", {}).get("application/json", {})
                 if media.get("schema") == fastapi_ref:
                     media["schema"] = {"$ref": "#/components/schemas/Error"}

@@ -34,6 +34,10 @@ UPLOAD_ERRORS = errors({
     504: "the request's deadline (IMGREC_REQUEST_TIMEOUT_MS) passed while queued",
 })
 NOT_READY = errors({503: "the model is still loading"})
+# the names app/api/search.py uses: the same upload body, the same error descriptions
+MULTIPART_DOC = image_upload_body()
+ERRORS_DOC: dict[int | str, dict[str, Any]] = {
+    status: {"description": doc["description"]} for status, doc in UPLOAD_ERRORS.items()}
 
 
 async def get_service(request: Request) -> Service:
