@@ -96,7 +96,9 @@ def open_image(data: bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    # RuntimeError: Pillow's AVIF plugin on a corrupt file ("Failed to decode image: Missing or
+    # empty image item"), found by tests/test_fuzz_properties.py
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as e:
         raise DecodeError(f"not a readable image: {e}") from e
 
 
@@ -149,7 +151,8 @@ def decode(im: Image.Image, data: bytes, plan: Plan, channels: int) -> Image.Ima
                 im.seek(0)
             im.load()
     except (OSError, SyntaxError, EOFError, ValueError, IndexError, KeyError,
-            TypeError, ZeroDivisionError) as e:  # what Pillow's decoders raise on bad data
+            TypeError, ZeroDivisionError, RuntimeError) as e:  # Pillow's decoders on bad data
+        # (RuntimeError: AVIF, "Failed to decode frame 0: Decoding of color planes failed")
         raise DecodeError(f"the {im.format or ''} image could not be decoded: {e}") from e
     return im
 

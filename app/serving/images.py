@@ -73,7 +73,7 @@ def prepare(data: bytes, spec: InputSpec, max_pixels: int,
         check_header(fmt, *im.size, max_header_pixels)
         try:
             plan = plan_decode(im, data, spec)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise ImageError(415, "undecodable_image", f"the {fmt} image could not be decoded "
                              "(truncated or corrupt?)") from e
         if plan.decoded_pixels > max_pixels:
