@@ -6,17 +6,16 @@ import asyncio
 import hashlib
 import io
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from apptools import metric, running
 from asgi_lifespan import LifespanManager
 from conftest import png_bytes
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -41,14 +40,6 @@ def client(tiny_model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
         yield c
 
 
-@asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            yield c
-
-
 def encode(image: Image.Image, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kw)
@@ -57,14 +48,6 @@ def encode(image: Image.Image, fmt: str, **kw: Any) -> bytes:
 
 def files(*blobs: bytes, name: str = "file") -> list[tuple[str, tuple[str, bytes]]]:
     return [(name, (f"img{i}.png", b)) for i, b in enumerate(blobs)]
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 class Gate:

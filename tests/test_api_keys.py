@@ -7,14 +7,12 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
-from conftest import png_bytes
+from apptools import image_id, running, upload
 from daemons import LOOPBACK, start_replica, wait_until
 from fastapi import FastAPI
 
@@ -30,23 +28,6 @@ WRONG = "mallory-000000000000000000"
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def upload(seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("file", (f"{seed}.png", png_bytes(seed), "image/png"))]
-
-
-def image_id(seed: int) -> str:
-    return hashlib.sha256(png_bytes(seed)).hexdigest()
-
-
-@asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                     timeout=30) as c:
-            yield c
 
 
 def make_app(model_dir: Path, tmp_path: Path, keys: str | None) -> FastAPI:

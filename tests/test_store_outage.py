@@ -10,20 +10,16 @@ when it is back, without a restart.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from asgi_lifespan import LifespanManager
-from conftest import png_bytes
+from apptools import image_id, metric, running, upload
 from daemons import LOOPBACK, start_redis, start_replica, wait_until
 from fastapi import FastAPI
 
@@ -39,31 +35,6 @@ FAST_BREAKER = {"embed_store_timeout_s": 0.3, "embed_store_backoff_min_s": 1.5,
                 "embed_store_backoff_max_s": 3.0}
 BEGAN = "embedding store unavailable"
 ENDED = "embedding store available again"
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def upload(*seeds: int) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("file", (f"{s}.png", png_bytes(s), "image/png")) for s in seeds]
-
-
-def image_id(seed: int) -> str:
-    return hashlib.sha256(png_bytes(seed)).hexdigest()
-
-
-@asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                     timeout=30) as c:
-            yield c
 
 
 def app_with_sqlite(model_dir: Path, path: Path) -> FastAPI:
