@@ -600,6 +600,11 @@ def test_api_keys_guard_inference_on_both_protocols(tiny_model_dir: Path,
         with pytest.raises(InferenceServerException) as e:
             http.infer(MODEL, [http_image_input([blob])])
         assert e.value.status() == "401"
+        # the protocol's own error body, with the bearer challenge
+        with rest(live) as c:
+            r = c.post(f"/v2/models/{MODEL}/infer", content=b"{}")
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+            assert isinstance(r.json()["error"], str) and "API key" in r.json()["error"]
         for headers in (None, {"authorization": "Bearer not-the-key-0123456789"}):
             with pytest.raises(InferenceServerException) as e:
                 rpc.infer(MODEL, [grpc_image_input([blob])], headers=headers)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import JSONBytes, error_response
 from app.serving.metrics import Metrics
 
 log = logging.getLogger("imgrec.auth")
@@ -170,8 +170,12 @@ class ApiKeyMiddleware:
             namespace = self.keys.check(authorization)
         except Unauthorized as e:
             self.metrics.rejections.labels("unauthorized").inc()
-            response = error_response(401, "unauthorized", e.message,
-                                      {"WWW-Authenticate": e.challenge})
+            headers = {"WWW-Authenticate": e.challenge}
+            if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
+                # the Open Inference Protocol's error body, as its other errors have
+                response = JSONBytes({"error": e.message}, status_code=401, headers=headers)
+            else:
+                response = error_response(401, "unauthorized", e.message, headers)
             await response(scope, receive, send)
             return
         # A new state dict in the same scope: some servers share one dict between requests
