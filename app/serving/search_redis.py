@@ -16,6 +16,7 @@ stores vectors; /search then answers 501 and the service logs why once at start.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,8 @@ log = logging.getLogger("imgrec.search")
 
 NO_MODULE = ("the Redis server has no search module (RediSearch): /search is unavailable; "
              "run Redis Stack (the redis/redis-stack-server image) to search a shared store")
+# how long the first search of an index waits for RediSearch's scan of vectors already stored
+INDEXING_WAIT_S = 30.0
 
 
 class RedisSearch:
@@ -58,8 +61,24 @@ class RedisSearch:
         except redis.ResponseError as e:
             if "already exists" not in str(e).lower():
                 raise
+        self._wait_until_indexed(name)
         self._indexes.add(name)
         return name
+
+    def _wait_until_indexed(self, name: str) -> None:
+        """An index made over hashes that already exist (a restart, an upgrade's moved vectors,
+        another replica's fresh index) is filled by a background scan: until it ends, a search
+        would miss vectors that are stored. Wait for it, once per index and process."""
+        deadline = time.monotonic() + INDEXING_WAIT_S
+        delay = 0.005
+        while _info(self._redis.execute_command("FT.INFO", name)).get(b"indexing") not in (
+                0, b"0", "0", None):
+            if time.monotonic() > deadline:
+                log.warning("the search index %s is still being built after %.0f s; searches "
+                            "may miss vectors until it is", name, INDEXING_WAIT_S)
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def search(self, member_prefix: bytes, query: np.ndarray, k: int,
                exclude: str | None) -> list[Neighbor]:
@@ -94,6 +113,13 @@ def _hits(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
                 for hit in (reply.get(b"results") or [])]
     return [(key, dict(zip(fields[::2], fields[1::2], strict=True)))
             for key, fields in zip(reply[1::2], reply[2::2], strict=True)]
+
+
+def _info(reply: Any) -> dict[bytes, Any]:
+    """FT.INFO's reply as a dict, from RESP2 (a flat list of names and values) or RESP3."""
+    if isinstance(reply, dict):
+        return {_b(k): v for k, v in reply.items()}
+    return {_b(k): v for k, v in zip(reply[::2], reply[1::2], strict=True)}
 
 
 def _b(value: bytes | str) -> bytes:
