@@ -41,8 +41,10 @@ def trickle(port: int, head: bytes, chunk: bytes, every_s: float, limit_s: float
             ) -> tuple[float, bytes]:
     """Send head, then chunk every every_s until the server closes (or limit_s passes); returns
     (seconds until the server closed, what it answered)."""
-    s = socket.create_connection((LOOPBACK, port), timeout=limit_s)
+    # the clock starts before connecting: the server's deadline starts when it accepts, which
+    # can come before this thread runs again after connect() returns
     started = time.monotonic()
+    s = socket.create_connection((LOOPBACK, port), timeout=limit_s)
     answer = b""
     try:
         s.sendall(head)
