@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return quantize_main(rest)
     if command == "serve":
-        from app.serving.cli import serve_main
+        from app.serve.cli import serve_main
 
         return serve_main(rest)
     if command == "index":
-        from app.serving.indexer import index_main
+        from app.serving.bulk_index import index_main
 
         return index_main(rest)
     print(f"imgrec: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     graceful_shutdown_s: float = Field(30.0, gt=0, description="time to answer accepted work "
                                        "on shutdown")
-    # shutdown and connection limits (app/serving/server.py)
+    # shutdown and connection limits (app/serve/http_server.py)
     drain_delay_s: float = Field(2.0, ge=0, description="lame duck after SIGTERM: readiness "
                                  "503 while requests are still served, with Connection: close")
     header_timeout_s: float = Field(10.0, gt=0, description="request line and headers must "

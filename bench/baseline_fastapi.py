@@ -15,7 +15,7 @@ from fastapi import FastAPI, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from app.nn import load_model_dir
-from app.nn.preprocess import decode_image_bytes, normalize_batch
+from app.nn.tensors import decode_image_bytes, normalize_batch
 
 
 def build(model_dir: str) -> FastAPI:

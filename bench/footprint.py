@@ -119,8 +119,8 @@ def prepare_resnet50(parent: Path) -> Path:
     """resnet50 preset, random weights, with its graph and a calibrated int8 graph. Its card's
     int8 'accuracy' is measured on 32 Fashion-MNIST images against 1000 random classes: only
     the gate IMGREC_PRECISION=int8 needs, not a figure to read."""
+    from app.model.directory import read_card
     from app.nn.export import export_model_dir
-    from app.nn.modeldir import read_card
     from app.nn.quantize import load_split_arrays, quantize_model_dir
 
     parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def prepare_resnet50(parent: Path) -> Path:
 
 def without_graphs(tmp: Path) -> Path:
     """The shipped directory as it was before it held its graph: exported at every start."""
-    from app.nn.modeldir import CARD_FILE, read_card
+    from app.model.directory import CARD_FILE, read_card
 
     d = tmp / "fashion-mnist-no-graph"
     shutil.copytree(SHIPPED, d)
@@ -218,7 +218,7 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
         return 2
-    from app.nn.modeldir import read_card
+    from app.model.directory import read_card
     from app.nn.quantize import cpu_int8_features
 
     print(json.dumps({"cpu": platform.processor() or platform.machine(),

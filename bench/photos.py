@@ -244,8 +244,8 @@ def decoders(args: argparse.Namespace) -> dict[str, object]:
 
 # -- 3. accuracy ----------------------------------------------------------------------------------
 def _decode_pair(job: tuple[int, np.ndarray, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    from app.nn import ModelCard
-    from app.nn.imaging import load_input
+    from app.model import ModelCard
+    from app.model.decode import load_input
 
     k, garment, size = job
     spec = ModelCard.model_validate_json((SHIPPED / "card.json").read_text()).input
@@ -257,7 +257,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
     from app.nn import load_model_dir
-    from app.nn.preprocess import normalize_batch
+    from app.nn.tensors import normalize_batch
 
     images, labels = fashion_test()
     n = min(args.accuracy, len(images))

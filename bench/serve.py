@@ -41,7 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.nn import InputSpec, ModelCard, create_model, save_model_dir  # noqa: E402
+from app.model import InputSpec, ModelCard  # noqa: E402
+from app.nn import create_model, save_model_dir  # noqa: E402
 
 BOUNDARY = "BENCHBOUNDARY"
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "134217728"}

@@ -2,7 +2,7 @@
 plot; asserts nothing.
 
 Starts `imgrec serve` (or targets --url/--pid), then keeps --concurrency clients busy for
---duration-s with uploads of every format the server accepts (app/serving/images.py
+--duration-s with uploads of every format the server accepts (app/serving/upload_checks.py
 ALLOWED_FORMATS, read at run time), at several sizes, mixed with bad uploads (not an image, a
 truncated image, a pixel bomb's header, an empty part, a request without a file part). Every
 --sample-s it records the server's RSS and open file descriptors and the window's latency
@@ -40,7 +40,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.serving.images import ALLOWED_FORMATS  # noqa: E402
+from app.serving.upload_checks import ALLOWED_FORMATS  # noqa: E402
 
 SIZES = ((28, 28, "L"), (96, 64, "RGB"), (640, 480, "RGB"))
 

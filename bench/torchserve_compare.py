@@ -53,7 +53,7 @@ from bench.serve import (  # noqa: E402
 
 TS_VENV = ROOT / ".venv-torchserve"
 TS_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "torchserve", "torch-model-archiver",
-               # what the handler imports from imgrec's app.nn / app.serving.images
+               # what the handler imports from imgrec's app.nn / app.serving.upload_checks
                "numpy", "pillow", "safetensors", "pydantic", "simplejpeg", "pillow-heif",
                # imgrec's ONNX Runtime engine, for --ts-engines onnxruntime (imgrec's own pins)
                "onnxruntime==1.32.0", "onnxscript==0.7.2", "onnx==1.23.2",

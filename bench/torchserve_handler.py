@@ -1,7 +1,7 @@
 """TorchServe handler for an imgrec model directory (used by bench/torchserve_compare.py).
 
 Runs imgrec's own code on imgrec's model directory, so only the serving stack differs from
-`imgrec serve`: header check + decode + resize (`app.serving.images.prepare`), then one
+`imgrec serve`: header check + decode + resize (`app.serving.upload_checks.prepare`), then one
 `app.serving.predictor.Predictor.forward` per TorchServe batch (the model from
 `app.nn.load_model_dir`, no pickle; BNs folded; per-batch normalisation; channels_last;
 inference mode; one torch thread), and top-5 labels per request as imgrec's /predict ranks them.
@@ -34,8 +34,8 @@ class ImgrecHandler:
         config = json.loads((model_dir / "imgrec_handler.json").read_text())
         if config["root"] not in sys.path:
             sys.path.insert(0, config["root"])
-        from app.serving.images import prepare
         from app.serving.predictor import Predictor
+        from app.serving.upload_checks import prepare
 
         self.prepare = prepare
         self.max_pixels = int(config["max_pixels"])
@@ -67,7 +67,7 @@ class ImgrecHandler:
             try:
                 images.append(self.prepare(bytes(raw), self.card.input, self.max_pixels))
                 slots.append(i)
-            except ValueError as e:  # app.serving.images.ImageError is a ValueError
+            except ValueError as e:  # app.serving.upload_checks.ImageError is a ValueError
                 answers[i] = {"error": str(e)}
         if images:
             for slot, result in zip(slots, self.predictor.forward(images), strict=True):

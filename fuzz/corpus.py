@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from app.serving.images import ALLOWED_FORMATS
+from app.serving.upload_checks import ALLOWED_FORMATS
 from fuzz.targets import BOUNDARY
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # coverage feedback from the parsers themselves, not from torch, numpy or FastAPI
-with atheris.instrument_imports(include=["app.api.multipart", "app.serving.images",
+with atheris.instrument_imports(include=["app.api.multipart", "app.serving.upload_checks",
                                          "python_multipart", "PIL", "fuzz.targets"]):
     import python_multipart  # noqa: F401  (instrumented: coverage guides the fuzzer inside it)
 

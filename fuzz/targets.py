@@ -1,7 +1,7 @@
 """What a fuzz input must never do, for the two parsers of untrusted bytes.
 
 ``multipart(data)``: the streaming multipart parser (app/api/multipart.py) fed a request body in
-chunks; ``decode(data)``: the image decode path (app/serving/images.py ``prepare``). Each returns
+chunks; ``decode(data)``: the image decode path (app/serving/upload_checks.py ``prepare``). Each returns
 normally for an input the service handles as it should (parsed, or refused with a 4xx
 ApiError / ImageError) and raises ``Finding`` or lets an unexpected exception out otherwise.
 fuzz/run.py runs them under atheris; tests/test_fuzz_properties.py under hypothesis.
@@ -16,8 +16,8 @@ from starlette.requests import Request
 
 from app.api.errors import ApiError
 from app.api.multipart import Upload, read_uploads
-from app.nn.card import InputSpec
-from app.serving.images import ImageError, prepare
+from app.model.card import InputSpec
+from app.serving.upload_checks import ImageError, prepare
 
 T = TypeVar("T")
 BOUNDARY = b"fuzzboundary"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.nn import InputSpec, ModelCard, create_model, save_model_dir
+from app.model import InputSpec, ModelCard
+from app.nn import create_model, save_model_dir
 
 # The app serves gRPC on IMGREC_GRPC_PORT (default 8001): tests never listen on a fixed port,
 # so every app and `imgrec serve` a test starts has gRPC off unless the test gives it a free port

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
-from app.serving.images import ALLOWED_FORMATS
+from app.serving.upload_checks import ALLOWED_FORMATS
 
 # PIL's format names -> the registered media types (PIL.Image.MIME knows most, but only after
 # every plugin was imported; these are the IANA names a client sends).

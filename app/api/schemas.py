@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.nn.card import InputSpec
+from app.model.card import InputSpec
 
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the image's bytes")
 

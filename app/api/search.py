@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 
 from app.api.errors import ApiError, JSONBytes
 from app.api.routes import ERRORS_DOC, MULTIPART_DOC, SHA256, ServiceDep, _infer, _model_ref
-from app.serving.index import Neighbor, clean_filename
 from app.serving.service import Service, ServiceError
+from app.serving.store.vector_index import Neighbor, clean_filename
 
 router = APIRouter()
 MAX_K = 100

@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from app.nn.card import ModelCard
-from app.nn.modeldir import (
+from app.model.card import ModelCard
+from app.model.directory import (
     CARD_FILE,
     GRAPH_FILES,
     README_FILE,

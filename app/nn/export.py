@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from app.nn.card import GraphSpec, InputSpec
+from app.model.card import GraphSpec, InputSpec
+from app.model.directory import GRAPH_FILES, atomic_write_bytes, sha256_file
 from app.nn.checkpoint import load_model_dir, update_card
 from app.nn.fuse import fold_batchnorms
-from app.nn.modeldir import GRAPH_FILES, atomic_write_bytes, sha256_file
 from app.nn.resnet import PatentResNet
 
 INPUTS = ["images"]

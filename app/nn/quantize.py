@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from app.nn.card import GraphSpec, InputSpec, ModelCard
-from app.nn.modeldir import (
+from app.model.card import GraphSpec, InputSpec, ModelCard
+from app.model.directory import (
     GRAPH_FILES,
     ModelDirError,
     atomic_write_bytes,
@@ -103,7 +103,7 @@ def quantize_graph(float_graph: Path, calibration: np.ndarray, out: Path,
 
 def _as_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """uint8 (N, C, H, W) images -> the card's input size, exactly as the server prepares an
-    upload (encoded losslessly and sent through app.serving.images.prepare) unless they are
+    upload (encoded losslessly and sent through app.serving.upload_checks.prepare) unless they are
     already at it."""
     if images.shape[1:] == (spec.channels, spec.size, spec.size):
         return np.ascontiguousarray(images)
@@ -111,7 +111,7 @@ def _as_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
 
     from PIL import Image
 
-    from app.serving.images import prepare
+    from app.serving.upload_checks import prepare
 
     out = np.empty((len(images), spec.channels, spec.size, spec.size), dtype=np.uint8)
     for i, image in enumerate(images):
@@ -212,7 +212,7 @@ def load_split_arrays(card: ModelCard, data: str | None, calibration_images: int
 
 
 def _prepared_file(path: Path, spec: InputSpec) -> bytes:
-    from app.serving.images import prepare
+    from app.serving.upload_checks import prepare
 
     return prepare(path.read_bytes(), spec, 1 << 62)
 

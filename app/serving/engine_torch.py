@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from app.nn.card import InputSpec
-from app.nn.preprocess import normalize_batch
+from app.model.card import InputSpec
 from app.nn.resnet import PatentResNet
+from app.nn.tensors import normalize_batch
 
 
 class _ProbsAndFeatures(nn.Module):

@@ -35,7 +35,7 @@ class Metrics:
                                              "embedding-store write time per batch",
                                              buckets=FAST_BUCKETS, registry=r)
         self.ready = Gauge("imgrec_ready", "1 when ready to serve", registry=r)
-        # the embedding store's outages (app/serving/store_guard.py)
+        # the embedding store's outages (app/serving/store/guard.py)
         self.store_up = Gauge("imgrec_store_up", "1 while the embedding store takes writes, "
                               "0 during an outage", registry=r)
         self.store_unstored = Counter("imgrec_store_unstored_images", "vectors computed but "

@@ -1,7 +1,7 @@
 """The network on its device: load from a model directory, warm up, run batches.
 
 On the CPU with ONNX Runtime nothing here imports torch: the card is read and the weights and
-the inference graph are checked by ``app.nn.modeldir``, and ONNX Runtime runs the directory's
+the inference graph are checked by ``app.model.directory``, and ONNX Runtime runs the directory's
 graph. PyTorch is imported only for the torch engine (CUDA, or ``IMGREC_ENGINE=torch``) and,
 as a fallback, to export a graph at start-up for a directory that has none.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.nn.modeldir import ModelDirError, graph_path, int8_accuracy, open_model_dir
+from app.model.directory import ModelDirError, graph_path, int8_accuracy, open_model_dir
 from app.serving.engines import Engine, OnnxRuntimeEngine, onnxruntime_available
 
 log = logging.getLogger("imgrec.predictor")
@@ -133,7 +133,7 @@ class Predictor:
                 self.forward([blank] * n)
 
     def forward(self, images: Sequence[bytes]) -> list[Prediction]:
-        """Images as ``app.serving.images.prepare`` gives them (uint8 (C, size, size) bytes).
+        """Images as ``app.serving.upload_checks.prepare`` gives them (uint8 (C, size, size) bytes).
 
         Joining bytes and viewing them as an array hold the GIL throughout; the engine call is
         the only place the thread lets go of it, so the event loop cannot make it wait more than

@@ -20,14 +20,14 @@ from functools import partial
 
 import numpy as np
 
-from app.nn.card import InputSpec
+from app.model.card import InputSpec
 from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFull
-from app.serving.images import ImageError, prepare
-from app.serving.index import Neighbor, SearchUnavailable, clean_filename
 from app.serving.metrics import Metrics
 from app.serving.predictor import Prediction, Predictor
 from app.serving.store import open_store
-from app.serving.store_guard import GuardedStore, StoreUnavailable
+from app.serving.store.guard import GuardedStore, StoreUnavailable
+from app.serving.store.vector_index import Neighbor, SearchUnavailable, clean_filename
+from app.serving.upload_checks import ImageError, prepare
 from app.settings import Settings
 
 log = logging.getLogger("imgrec.service")

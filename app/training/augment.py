@@ -3,7 +3,7 @@
 Crop a region whose area fraction and aspect ratio are drawn from configured ranges, resize it to
 the set size, then perturb it: flip with probability p1, rotate by an angle drawn from a range with
 probability p2, adjust colour attributes with probability p3. Random erasing may follow.
-Inputs are the card's input (uint8 (C, size, size), app.nn.imaging's pixels) and so are the
+Inputs are the card's input (uint8 (C, size, size), app.model.decode's pixels) and so are the
 outputs; normalisation happens on the batch.
 """
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from app.nn.card import InputSpec
-from app.nn.preprocess import decode_image_bytes, to_input_size
+from app.model.card import InputSpec
+from app.nn.tensors import decode_image_bytes, to_input_size
 
 FASHION_MNIST_DIRS = (
     Path("/usr/share/datasets/fashion-mnist"),
@@ -26,7 +26,7 @@ FASHION_MNIST_LABELS = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-# what app.serving.images accepts (app.nn.imaging decodes both)
+# what app.serving.upload_checks accepts (app.model.decode decodes both)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic",
                   ".heif", ".avif"}
 
@@ -185,7 +185,7 @@ def split_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Spli
 class ImageDataset(Dataset[tuple[Tensor, int]]):
     """Yields (uint8 (C, size, size), label); the transform (augmentation, or none) follows.
 
-    Image files are loaded exactly as the service prepares an upload (app.nn.imaging: decoded at
+    Image files are loaded exactly as the service prepares an upload (app.model.decode: decoded at
     the size needed, EXIF orientation applied, colour and the card's resize rule), so users' own
     photos train as they are served; in-memory images of another size get the same resize."""
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from app.nn.card import InputSpec
-from app.nn.preprocess import normalize_batch
+from app.model.card import InputSpec
+from app.nn.tensors import normalize_batch
 from app.training.data import ImageDataset, Split
 
 

@@ -31,10 +31,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from app.nn.card import InputSpec, ModelCard
+from app.model.card import InputSpec, ModelCard
 from app.nn.checkpoint import load_model_dir, save_model_dir
-from app.nn.preprocess import normalize_batch
 from app.nn.resnet import PatentResNet, create_model, preset_config
+from app.nn.tensors import normalize_batch
 from app.training.augment import build_train_transform
 from app.training.config import TrainConfig
 from app.training.convergence import Convergence

@@ -1,0 +1,267 @@
+"""The served model as Open Inference Protocol (KServe v2) tensors, for both protocol skins.
+
+REST (app/api/oip/rest.py) and gRPC (app/api/oip/grpc_server.py) each parse their own wire
+format into ``InputTensor`` values, call ``infer`` here and encode the ``OutputTensor`` values
+it returns; the one Service does the work. The model's tensors:
+
+* input ``image``: BYTES ``[N]`` or ``[N, 1]``, each element an encoded image file, through
+  ``Service.infer`` (every format and limit ``/predict`` has);
+* input ``pixels``: UINT8 ``[N, C, H, W]`` at the card's input size, through
+  ``Service.infer_pixels``, for clients that decode themselves;
+* outputs ``probabilities`` FP32 ``[N, classes]`` (softmax) and ``embedding`` FP32 ``[N, D]``;
+  with the classification extension on ``probabilities``: BYTES ``[N, count]`` strings
+  ``"score:index:label"``, best first.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from app import __version__
+from app.serving.service import ImageResult, Service, ServiceError
+
+if TYPE_CHECKING:
+    from app.model.card import ModelCard
+
+SERVER_NAME = "imgrec"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+IMAGE, PIXELS = "image", "pixels"
+PROBABILITIES, EMBEDDING = "probabilities", "embedding"
+OUTPUTS = (PROBABILITIES, EMBEDDING)
+_LENGTH = struct.Struct("<I")
+
+
+class OipError(Exception):
+    """A refusal in the protocol's terms: the HTTP status, mapped by gRPC to its own codes
+    (400 INVALID_ARGUMENT, 404 NOT_FOUND, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED)."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+def bad(message: str) -> OipError:
+    return OipError(400, message)
+
+
+def from_service_error(e: ServiceError) -> OipError:
+    """The protocol knows fewer statuses than imgrec's JSON: every bad input (413, 415, 422...)
+    is its 400; overload and not-ready stay 503, deadlines 504, a failed batch 500."""
+    if 400 <= e.status < 500:
+        return OipError(400, f"{e.code}: {e.message}")
+    return OipError(e.status, e.message, e.retry_after)
+
+
+@dataclass(slots=True)
+class InputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    # BYTES: the elements; UINT8: a flat array
+    value: list[bytes] | np.ndarray
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    classification: int = 0  # top-k as "score:index:label" strings; 0 = the raw tensor
+    binary: bool = False  # REST only: answer in the binary section (binary tensor data)
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    name: str
+    datatype: str  # FP32 or BYTES
+    shape: list[int]
+    data: np.ndarray | list[bytes]  # FP32: (N, K) float32; BYTES: row-major elements
+    binary: bool = False
+
+
+# -- metadata -----------------------------------------------------------------------------------
+def served_card(service: Service) -> ModelCard:
+    if service.predictor is None:
+        raise OipError(503, "the model is still loading", service.settings.retry_after_s)
+    return service.predictor.card
+
+
+def check_model(service: Service, name: str, version: str | None) -> ModelCard:
+    """The card when ``name`` (and ``version``, if given) is the served model; else 404."""
+    card = served_card(service)
+    if name != card.name:
+        raise OipError(404, f"unknown model '{name}'; this server serves '{card.name}'")
+    if version and version != card.version:
+        raise OipError(404, f"unknown version '{version}' of model '{name}'; this server "
+                       f"serves version '{card.version}'")
+    return card
+
+
+def server_metadata() -> dict[str, object]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+
+def model_metadata(service: Service, card: ModelCard) -> dict[str, object]:
+    spec = card.input
+    return {
+        "name": card.name, "versions": [card.version], "platform": SERVER_NAME,
+        "inputs": [
+            {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+            {"name": PIXELS, "datatype": "UINT8",
+             "shape": [-1, spec.channels, spec.size, spec.size]},
+        ],
+        "outputs": [
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(card.labels)]},
+            {"name": EMBEDDING, "datatype": "FP32", "shape": [-1, card.embedding_dim]},
+        ],
+    }
+
+
+# -- wire helpers shared by the two skins -------------------------------------------------------
+def bytes_elements(raw: bytes | memoryview) -> list[bytes]:
+    """Triton's serialisation of a BYTES tensor: each element a 4-byte little-endian length,
+    then its bytes (the binary data extension and gRPC's raw contents)."""
+    view = memoryview(raw)
+    out: list[bytes] = []
+    offset, end = 0, len(view)
+    while offset < end:
+        if offset + 4 > end:
+            raise bad("BYTES tensor data ends inside an element's 4-byte length")
+        (n,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + n > end:
+            raise bad(f"BYTES tensor element of {n} bytes runs past the end of its data")
+        out.append(bytes(view[offset:offset + n]))
+        offset += n
+    return out
+
+
+def serialize_bytes(elements: Sequence[bytes]) -> bytes:
+    parts: list[bytes] = []
+    for e in elements:
+        parts.append(_LENGTH.pack(len(e)))
+        parts.append(e)
+    return b"".join(parts)
+
+
+def uint8_values(values: object) -> np.ndarray:
+    """JSON numbers or gRPC uint_contents as a flat uint8 array, each checked to be 0..255."""
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError):
+        raise bad("UINT8 tensor data must be a (nested) list of integers") from None
+    if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 255):
+        raise bad("UINT8 tensor data must be integers from 0 to 255")
+    return arr.astype(np.uint8, copy=False).reshape(-1)
+
+
+# -- inference ---------------------------------------------------------------------------------
+def _batch_size(t: InputTensor, max_images: int) -> int:
+    if not t.shape or any(not isinstance(d, int) or d < 0 for d in t.shape):
+        raise bad(f"input '{t.name}': shape must be a list of non-negative integers")
+    n = t.shape[0]
+    if n < 1:
+        raise bad(f"input '{t.name}': at least one image")
+    if n > max_images:
+        raise bad(f"input '{t.name}': {n} images; at most {max_images} per request")
+    return n
+
+
+async def _run_inputs(service: Service, inputs: Sequence[InputTensor],
+                      namespace: str | None) -> list[ImageResult]:
+    assert service.predictor is not None
+    names = [t.name for t in inputs]
+    unknown = [n for n in names if n not in (IMAGE, PIXELS)]
+    if unknown:
+        raise bad(f"unknown input '{unknown[0]}'; this model takes '{IMAGE}' (BYTES, encoded "
+                  f"image files) or '{PIXELS}' (UINT8 [N, C, H, W])")
+    if len(inputs) != 1:
+        raise bad(f"send exactly one input, '{IMAGE}' or '{PIXELS}' (got {names})")
+    t = inputs[0]
+    n = _batch_size(t, service.settings.max_files)
+    if t.name == IMAGE:
+        if t.datatype != "BYTES":
+            raise bad(f"input '{IMAGE}' must be BYTES, got {t.datatype}")
+        if t.shape not in ([n], [n, 1]):
+            raise bad(f"input '{IMAGE}' must have shape [N] or [N, 1], got {t.shape}")
+        assert isinstance(t.value, list)
+        if len(t.value) != n:
+            raise bad(f"input '{IMAGE}': shape {t.shape} but {len(t.value)} elements")
+        try:
+            return await service.infer(t.value, namespace=namespace)
+        except ServiceError as e:
+            raise from_service_error(e) from None
+    want = [n, *service.predictor.image_shape]
+    if t.datatype != "UINT8":
+        raise bad(f"input '{PIXELS}' must be UINT8, got {t.datatype}")
+    if t.shape != want:
+        raise bad(f"input '{PIXELS}' must have shape [N, C, H, W] = {want} (the model's "
+                  f"input size), got {t.shape}")
+    assert isinstance(t.value, np.ndarray)
+    if t.value.size != int(np.prod(want)):
+        raise bad(f"input '{PIXELS}': shape {t.shape} needs {int(np.prod(want))} values, got "
+                  f"{t.value.size}")
+    try:
+        return await service.infer_pixels(t.value.reshape(want), namespace=namespace)
+    except ServiceError as e:
+        raise from_service_error(e) from None
+
+
+def check_outputs(card: ModelCard, requested: Sequence[RequestedOutput] | None,
+                  binary_default: bool) -> list[RequestedOutput]:
+    """The outputs to answer, in the order asked (all of them when none are named)."""
+    if not requested:
+        return [RequestedOutput(name, 0, binary_default) for name in OUTPUTS]
+    seen: set[str] = set()
+    for o in requested:
+        if o.name not in OUTPUTS:
+            raise bad(f"unknown output '{o.name}'; this model has {list(OUTPUTS)}")
+        if o.name in seen:
+            raise bad(f"output '{o.name}' requested twice")
+        seen.add(o.name)
+        if o.classification and o.name != PROBABILITIES:
+            raise bad(f"classification applies to '{PROBABILITIES}', not '{o.name}'")
+        if not 0 <= o.classification <= len(card.labels):
+            raise bad(f"classification count must be 1 to {len(card.labels)} (the model's "
+                      f"classes), got {o.classification}")
+    return list(requested)
+
+
+def _score(value: np.float32) -> str:
+    # the shortest text that reads back as the same float32
+    return np.format_float_positional(value, unique=True, trim="0")
+
+
+def classify(probs: np.ndarray, labels: Sequence[str], count: int) -> list[bytes]:
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :count]
+    return [f"{_score(probs[row, i])}:{i}:{labels[i]}".encode()
+            for row in range(probs.shape[0]) for i in order[row]]
+
+
+async def infer(service: Service, inputs: Sequence[InputTensor],
+                outputs: Sequence[RequestedOutput] | None, namespace: str | None,
+                binary_default: bool = False) -> tuple[int, list[OutputTensor]]:
+    """Run the request through the Service; (images answered, the output tensors)."""
+    card = served_card(service)
+    wanted = check_outputs(card, outputs, binary_default)
+    results = await _run_inputs(service, inputs, namespace)
+    n = len(results)
+    out: list[OutputTensor] = []
+    for o in wanted:
+        if o.name == PROBABILITIES:
+            probs = np.stack([r.prediction.probs for r in results]).astype(np.float32,
+                                                                           copy=False)
+            if o.classification:
+                out.append(OutputTensor(o.name, "BYTES", [n, o.classification],
+                                        classify(probs, card.labels, o.classification),
+                                        o.binary))
+            else:
+                out.append(OutputTensor(o.name, "FP32", list(probs.shape), probs, o.binary))
+        else:
+            emb = np.stack([r.prediction.embedding for r in results]).astype(np.float32,
+                                                                            copy=False)
+            out.append(OutputTensor(o.name, "FP32", list(emb.shape), emb, o.binary))
+    return n, out

@@ -1,0 +1,126 @@
+"""Similarity search inside Redis, with the search module (RediSearch, part of Redis Stack).
+
+Every replica writes its vectors to the shared Redis; RediSearch indexes each one as it is
+written (synchronously, within the write), so a vector stored through one replica is found
+through any other as soon as its write returns. One index per store key, over the store's
+per-image hashes ``{imgrec}:e:<member>`` (field ``v``: float32 bytes, ``f``: filename):
+
+    FT.CREATE {imgrec}:idx:<member prefix> ON HASH PREFIX 1 {imgrec}:e:<member prefix>
+        SCHEMA v VECTOR FLAT 6 TYPE FLOAT32 DIM <d> DISTANCE_METRIC COSINE
+
+FLAT is exact (brute force inside Redis); BENCHMARKS.md has its latency at the store's bound.
+A Redis server without the module (Debian's redis-server, ElastiCache without search) still
+stores vectors; /search then answers 501 and the service logs why once at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import redis
+
+from app.serving.store.vector_index import Neighbor, SearchUnavailable
+
+log = logging.getLogger("imgrec.search")
+
+NO_MODULE = ("the Redis server has no search module (RediSearch): /search is unavailable; "
+             "run Redis Stack (the redis/redis-stack-server image) to search a shared store")
+# how long the first search of an index waits for RediSearch's scan of vectors already stored
+INDEXING_WAIT_S = 30.0
+
+
+class RedisSearch:
+    def __init__(self, client: redis.Redis, tag: str) -> None:
+        self._redis = client
+        self._tag = tag
+        self._indexes: set[str] = set()
+        try:
+            client.execute_command("FT._LIST")
+            self.available = True
+        except redis.ResponseError:
+            self.available = False
+            log.warning(NO_MODULE)
+
+    def doc_prefix(self, member_prefix: bytes = b"") -> bytes:
+        return f"{self._tag}:e:".encode() + member_prefix
+
+    def ensure_index(self, member_prefix: bytes, dim: int) -> str:
+        """The store key's index, created on first use (idempotent across replicas)."""
+        name = f"{self._tag}:idx:{dim}:" + member_prefix.decode()
+        if name in self._indexes or not self.available:
+            return name
+        try:
+            self._redis.execute_command(
+                "FT.CREATE", name, "ON", "HASH", "PREFIX", 1, self.doc_prefix(member_prefix),
+                "SCHEMA", "v", "VECTOR", "FLAT", 6, "TYPE", "FLOAT32", "DIM", dim,
+                "DISTANCE_METRIC", "COSINE")
+            log.info("created the search index %s", name)
+        except redis.ResponseError as e:
+            if "already exists" not in str(e).lower():
+                raise
+        self._wait_until_indexed(name)
+        self._indexes.add(name)
+        return name
+
+    def _wait_until_indexed(self, name: str) -> None:
+        """An index made over hashes that already exist (a restart, an upgrade's moved vectors,
+        another replica's fresh index) is filled by a background scan: until it ends, a search
+        would miss vectors that are stored. Wait for it, once per index and process."""
+        deadline = time.monotonic() + INDEXING_WAIT_S
+        delay = 0.005
+        while _info(self._redis.execute_command("FT.INFO", name)).get(b"indexing") not in (
+                0, b"0", "0", None):
+            if time.monotonic() > deadline:
+                log.warning("the search index %s is still being built after %.0f s; searches "
+                            "may miss vectors until it is", name, INDEXING_WAIT_S)
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def search(self, member_prefix: bytes, query: np.ndarray, k: int,
+               exclude: str | None) -> list[Neighbor]:
+        if not self.available:
+            raise SearchUnavailable(NO_MODULE)
+        q = np.ascontiguousarray(query, dtype="<f4").reshape(-1)
+        if not np.any(q):
+            return []  # a zero vector has no direction: nothing is similar to it
+        index = self.ensure_index(member_prefix, q.shape[0])
+        n = k + 1 if exclude is not None else k
+        reply = self._redis.execute_command(
+            "FT.SEARCH", index, f"*=>[KNN {n} @v $q AS d]", "PARAMS", 2, "q", q.tobytes(),
+            "SORTBY", "d", "ASC", "RETURN", 2, "d", "f", "LIMIT", 0, n, "DIALECT", 2)
+        strip = len(self.doc_prefix(member_prefix))
+        found: list[Neighbor] = []
+        for key, values in _hits(reply):
+            image_id = key[strip:].decode()
+            if image_id == exclude:
+                continue
+            name = values.get(b"f")
+            score = 1.0 - float(values[b"d"])
+            found.append(Neighbor(image_id, min(1.0, max(-1.0, score)),
+                                  name.decode() if name else None))
+        found.sort(key=lambda n: (-n.score, n.id))
+        return found[:k]
+
+
+def _hits(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """(key, fields) of an FT.SEARCH reply, as RESP2 (a flat list) or RESP3 (a map) gives it."""
+    if isinstance(reply, dict):
+        return [(_b(hit[b"id"]), {_b(f): _b(v) for f, v in hit[b"extra_attributes"].items()})
+                for hit in (reply.get(b"results") or [])]
+    return [(key, dict(zip(fields[::2], fields[1::2], strict=True)))
+            for key, fields in zip(reply[1::2], reply[2::2], strict=True)]
+
+
+def _info(reply: Any) -> dict[bytes, Any]:
+    """FT.INFO's reply as a dict, from RESP2 (a flat list of names and values) or RESP3."""
+    if isinstance(reply, dict):
+        return {_b(k): v for k, v in reply.items()}
+    return {_b(k): v for k, v in zip(reply[::2], reply[1::2], strict=True)}
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

@@ -1,0 +1,82 @@
+"""The servers the benchmarks compare against run imgrec's own code; keep them working with it.
+
+bench/torchserve_handler.py is TorchServe's handler (imgrec's loader, image preparation and
+Predictor) and bench/baseline_fastapi.py the plain FastAPI reference. Neither needs TorchServe
+or a socket here: the handler is called the way TorchServe's worker calls it, the baseline app
+through a TestClient. Both must rank labels exactly as imgrec's /predict does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import png_bytes
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def same_ranking(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
+    return ([(g["label"], g["index"]) for g in got] == [(w["label"], w["index"]) for w in want]
+            and all(abs(g["score"] - w["score"]) < 1e-4 for g, w in zip(got, want, strict=True)))
+
+
+@pytest.fixture(scope="module")
+def imgrec_labels(tiny_model_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """imgrec's own top-5 for the test images (engine torch, as the handler's default)."""
+    settings = Settings(model_dir=tiny_model_dir, device="cpu", engine="torch",
+                        embed_store="memory", warmup_batches=0)
+    with TestClient(create_app(settings)) as client:
+        return {seed: client.post("/predict", files={"file": ("x.png", png_bytes(seed))})
+                .json()["results"][0]["labels"] for seed in range(3)}
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_torchserve_handler_answers_like_imgrec(
+        engine: str, tiny_model_dir: Path, tmp_path: Path,
+        imgrec_labels: dict[int, list[dict[str, Any]]]) -> None:
+    # the directory TorchServe extracts a .mar into (bench/torchserve_compare.py's build_mar)
+    for name in ("card.json", "weights.safetensors"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    (tmp_path / "imgrec_handler.json").write_text(json.dumps({
+        "root": str(ROOT), "max_pixels": 10**6, "warmup_batches": 1, "max_batch_size": 4,
+        "engine": engine}))
+    handler = load_bench_module("torchserve_handler")
+    context = SimpleNamespace(system_properties={"model_dir": str(tmp_path)})
+    assert handler.handle(None, context) is None  # TorchServe's initialisation call
+    answers = handler.handle([{"file": png_bytes(0)}, {"body": b"not an image"},
+                              {"data": bytearray(png_bytes(2))}, {"other": b""}], context)
+    assert same_ranking(answers[0]["labels"], imgrec_labels[0])
+    assert "not an image" in answers[1]["error"]
+    assert same_ranking(answers[2]["labels"], imgrec_labels[2])
+    assert "no image" in answers[3]["error"]
+
+
+def test_plain_fastapi_baseline_answers_like_imgrec(
+        tiny_model_dir: Path, imgrec_labels: dict[int, list[dict[str, Any]]]) -> None:
+    baseline = load_bench_module("baseline_fastapi")
+    with TestClient(baseline.build(str(tiny_model_dir))) as client:
+        r = client.post("/predict", files=[("file", ("a.png", png_bytes(1))),
+                                           ("file", ("b.png", png_bytes(2)))])
+    assert r.status_code == 200
+    got = [res["labels"] for res in r.json()["results"]]
+    assert same_ranking(got[0], imgrec_labels[1]) and same_ranking(got[1], imgrec_labels[2])

@@ -1,0 +1,85 @@
+"""Search across replicas, for real: a Redis server with the search module, two `imgrec serve`
+replicas and nginx with deploy/nginx.conf. A vector stored through one replica is found through
+the other, and through nginx, within a second."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import png_bytes
+from helpers.daemons import (
+    LOOPBACK,
+    Daemon,
+    http_status,
+    require_binary,
+    start_redis,
+    start_replica,
+    wait_until,
+)
+from test_deploy import start_nginx
+
+pytestmark = [pytest.mark.deploy, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory,
+             tiny_model_dir: Path) -> Iterator[tuple[list[str], str]]:
+    require_binary("nginx")
+    tmp = tmp_path_factory.mktemp("search-deploy")
+    daemons: list[Daemon] = []
+    try:
+        redis_daemon, url = start_redis(tmp, search=True)
+        daemons.append(redis_daemon)
+        # the torch engine: no ONNX export at each start (this test is about the store)
+        env = {"IMGREC_EMBED_STORE": url, "IMGREC_WARMUP_BATCHES": "1",
+               "IMGREC_ENGINE": "torch"}
+        ports = []
+        for name in ("replica-a", "replica-b"):
+            daemon, port = start_replica(name, tmp, tiny_model_dir, env, timeout_s=180)
+            daemons.append(daemon)
+            ports.append(port)
+        nginx, nginx_port = start_nginx(tmp, ports)
+        daemons.append(nginx)
+        front = f"http://{LOOPBACK}:{nginx_port}"
+        wait_until(lambda: http_status(f"{front}/readyz") == 200, 20, "nginx -> /readyz", nginx)
+        yield [f"http://{LOOPBACK}:{p}" for p in ports], front
+    finally:
+        for d in reversed(daemons):
+            d.stop()
+
+
+def test_stored_through_one_replica_found_through_the_other(
+        replicas: tuple[list[str], str]) -> None:
+    (a, b), front = replicas
+    with httpx.Client(timeout=10) as c:
+        seen = c.post(f"{a}/embed", files=[("file", (f"shelf/{n}.png", png_bytes(100 + n)))
+                                            for n in range(5)])
+        assert seen.status_code == 200, seen.text
+        catalogue = [x["id"] for x in seen.json()["results"]]
+        # a new photo through replica B: its neighbours are the five stored through A
+        r = c.post(f"{b}/search", params={"k": 5},
+                   files=[("file", ("query.png", png_bytes(200)))])
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["results"]
+        assert sorted(n["id"] for n in result["neighbors"]) == sorted(catalogue)
+        assert {n["filename"] for n in result["neighbors"]} == \
+            {f"shelf/{n}.png" for n in range(5)}
+        # and the query image, stored through B, is found by id through A within a second
+        started = time.monotonic()
+        while True:
+            r = c.get(f"{a}/search", params={"id": result["id"], "k": 3})
+            if r.status_code == 200 or time.monotonic() - started > 1.0:
+                break
+            time.sleep(0.02)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started <= 1.0
+        assert r.json()["results"][0]["filename"] == "query.png"
+        # through nginx, whichever replica answers, the ranking is the same
+        rankings = {tuple(n["id"] for n in c.get(f"{front}/search",
+                                                   params={"id": catalogue[0], "k": 4})
+                          .json()["results"][0]["neighbors"]) for _ in range(4)}
+        assert len(rankings) == 1 and len(next(iter(rankings))) == 4

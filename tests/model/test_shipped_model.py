@@ -1,0 +1,107 @@
+"""The shipped model: its card's claims hold, and it serves real predictions."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.nn import load_model_dir
+from app.settings import DEFAULT_MODEL_DIR, Settings
+from app.training.data import load_fashion_mnist
+
+SHIPPED = DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def fashion_test() -> tuple[np.ndarray, np.ndarray]:
+    data = load_fashion_mnist("fashion-mnist")
+    return data.test.images[:, 0].numpy(), data.test.labels.numpy()
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_shipped_model_directory_is_complete() -> None:
+    card = load_model_dir(SHIPPED).card  # checks the sha256 and rebuilds from the card
+    for name in ("weights.safetensors", "card.json", "MODEL_CARD.md", "curves.png",
+                 "confusion.png"):
+        assert (SHIPPED / name).is_file(), name
+    assert card.preset == "fashion" and card.metrics["test_images"] == 10_000
+    assert card.metrics["test_top1"] >= 94.0
+    assert card.data["source"].startswith("fashion-mnist")
+    assert len(card.metrics["confusion_matrix"]) == 10
+
+
+def test_re_evaluation_reaches_the_top1_its_card_claims() -> None:
+    out = subprocess.run([sys.executable, "-m", "app.cli", "evaluate", str(SHIPPED)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n"] == 10_000
+    assert abs(result["top1"] - load_model_dir(SHIPPED).card.metrics["test_top1"]) <= 0.05
+    assert result["top1"] >= 94.0
+
+
+def test_served_predictions_are_right_and_photo_sized_uploads_agree(
+        fashion_test: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    images, labels = fashion_test
+    settings = Settings(device="cpu", embed_store="memory", warmup_batches=1)
+    n = 200
+    with TestClient(create_app(settings)) as c:
+        names = c.get("/model").json()["labels"]
+        small, large = [], []
+        for i in range(n):
+            r = c.post("/predict", params={"top_k": 1},
+                       files=[("file", (f"{i}.png", png(images[i])))])
+            small.append(r.json()["results"][0]["labels"][0]["index"])
+            # the same garment as a 224 px RGB JPEG "photo"
+            photo = Image.fromarray(images[i], mode="L").convert("RGB").resize(
+                (224, 224), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            photo.save(buf, format="JPEG", quality=92)
+            r = c.post("/predict", params={"top_k": 1},
+                       files=[("file", (f"{i}.jpg", buf.getvalue()))])
+            large.append(r.json()["results"][0]["labels"][0]["index"])
+        first = c.post("/predict", files=[("file", ("0.png", png(images[0])))]).json()
+    assert first["results"][0]["labels"][0]["label"] == names[labels[0]] == "Ankle boot"
+    accuracy = np.mean(np.array(small) == labels[:n])
+    agreement = np.mean(np.array(small) == np.array(large))
+    assert accuracy >= 0.9, accuracy
+    assert agreement >= 0.95, agreement
+
+
+def test_the_shipped_model_holds_its_graphs_and_the_int8_one_is_as_accurate() -> None:
+    """model.onnx and model.int8.onnx are the card's (sha256, exported from these weights), and
+    the int8 graph reaches the test top-1 the card records, within 0.3 points of float32."""
+    import onnxruntime as ort
+
+    from app.model.directory import graph_path, read_card
+
+    card = read_card(SHIPPED)
+    paths = {p: graph_path(SHIPPED, card, p) for p in ("float32", "int8")}
+    int8 = card.graphs["int8"].metrics
+    assert int8["test_images"] == 10_000
+    assert abs(int8["top1_difference_points"]) <= 0.3
+    assert int8["float32_test_top1"] == card.metrics["test_top1"]
+    data = load_fashion_mnist("fashion-mnist")
+    images, labels = data.test.images.numpy(), data.test.labels.numpy()
+    for precision, path in paths.items():
+        assert path is not None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        predicted = np.concatenate([
+            session.run(["logits"], {"images": images[i:i + 500]})[0].argmax(1)
+            for i in range(0, len(images), 500)])
+        top1 = float((predicted == labels).mean() * 100)
+        claimed = int8["test_top1"] if precision == "int8" else card.metrics["test_top1"]
+        assert abs(top1 - claimed) <= 0.05, (precision, top1, claimed)

@@ -1,0 +1,83 @@
+"""`imgrec index DIR`: a small ImageFolder tree into the store, resumable, sharded, Parquet;
+then a served /search finds what it indexed under the same ids and filenames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import png_bytes
+from fastapi.testclient import TestClient
+
+from app.cli import main
+from app.main import create_app
+from app.serving.bulk_index import in_shard, list_images
+from app.settings import Settings
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {f"{label}/{n}.png": png_bytes(10 * i + n)
+             for i, label in enumerate(["bag", "coat"]) for n in range(4)}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / "notes.txt").write_text("not an image")
+    (root / "bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return files
+
+
+def test_index_then_search(tiny_model_dir: Path, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    tree = tmp_path / "catalogue"
+    files = make_tree(tree)
+    store = str(tmp_path / "emb.sqlite3")
+    monkeypatch.setenv("IMGREC_EMBED_STORE", store)
+    monkeypatch.setenv("IMGREC_DEVICE", "cpu")
+    monkeypatch.setenv("IMGREC_ENGINE", "torch")  # no ONNX export per run: faster here
+    base = ["index", str(tree), "--model-dir", str(tiny_model_dir), "--batch-size", "3",
+            "--no-progress"]
+    # two shards of two "machines" add up to the whole catalogue
+    assert main([*base, "--shard", "0/2"]) == 0
+    first = capsys.readouterr().err
+    assert main([*base, "--shard", "1/2", "--parquet", str(tmp_path / "v.parquet")]) == 0
+    second = capsys.readouterr().err
+    assert "1 unreadable" in first + second
+    # resumable: everything is stored now, so a full run embeds nothing
+    assert main([*base, "--parquet", str(tmp_path / "all.parquet")]) == 0
+    assert "indexed 0 images, 8 already stored, 1 unreadable" in capsys.readouterr().err
+    table = pq.read_table(tmp_path / "all.parquet").to_pydict()
+    assert sorted(table["filename"]) == sorted(files)
+
+    settings = Settings(model_dir=tiny_model_dir, device="cpu", warmup_batches=1,
+                        embed_store=store, engine="torch")
+    with TestClient(create_app(settings)) as c:
+        # the service computes the same id and vector for the same bytes
+        r = c.post("/embed", files=[("file", ("x.png", files["coat/2.png"]))])
+        served = r.json()["results"][0]
+        row = table["id"].index(served["id"])
+        np.testing.assert_allclose(table["vector"][row], served["embedding"], rtol=1e-5,
+                                   atol=1e-6)
+        # search by photo: the catalogue's images come back with their paths
+        r = c.post("/search", params={"k": 20},
+                   files=[("file", ("photo.png", png_bytes(999)))])
+        assert r.status_code == 200, r.text
+        names = {n["filename"] for n in r.json()["results"][0]["neighbors"]}
+        # (coat/2.png was uploaded again above as x.png: the latest name given is kept)
+        assert names == (set(files) - {"coat/2.png"}) | {"x.png"}
+
+
+def test_listing_and_shards(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    assert found == sorted(found) and "notes.txt" not in found and len(found) == 9
+    for rel in found:
+        assert sum(in_shard(rel, (i, 3)) for i in range(3)) == 1
+
+
+def test_bad_shard_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["index", str(tmp_path), "--shard", "3/3"])
+    assert e.value.code == 2

@@ -1,0 +1,119 @@
+"""Search in the shared Redis store: a real server with the search module (RediSearch), the
+store's older single-hash layout still loading, and a server without the module (Debian's
+redis-server): vectors are stored as before, /search answers 501."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from conftest import png_bytes
+from fastapi.testclient import TestClient
+from helpers.daemons import Daemon, start_redis
+
+from app.main import create_app
+from app.serving.store.redis_store import RedisStore, _member
+from app.serving.store.vector_index import SearchUnavailable
+from app.settings import Settings
+
+MODEL = "c" * 64
+
+
+@pytest.fixture(scope="module")
+def search_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    daemon: Daemon | None = None
+    try:
+        daemon, url = start_redis(tmp_path_factory.mktemp("redis-search"), search=True)
+        yield url
+    finally:
+        if daemon is not None:
+            daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    daemon: Daemon | None = None
+    try:
+        daemon, url = start_redis(tmp_path_factory.mktemp("redis-plain"))
+        yield url
+    finally:
+        if daemon is not None:
+            daemon.stop()
+
+
+def vecs(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def cosine_ranking(x: np.ndarray, q: np.ndarray, ids: list[str],
+                   exclude: str | None) -> list[tuple[str, float]]:
+    s = (x @ q) / (np.linalg.norm(x, axis=1) * np.linalg.norm(q))
+    return sorted(((i, float(v)) for i, v in zip(ids, s, strict=True) if i != exclude),
+                  key=lambda t: -t[1])
+
+
+def test_redis_search_is_exact_and_follows_evictions(search_url: str) -> None:
+    store = RedisStore(search_url, max_items=6, prefix="t-exact")
+    try:
+        x = vecs(9)
+        ids = [f"id{i}" for i in range(9)]
+        store.put_many(MODEL, [(i, v) for i, v in zip(ids[:5], x[:5], strict=True)],
+                       [f"{i}.png" for i in ids[:5]])
+        store.put_many(MODEL, [(i, v) for i, v in zip(ids[5:], x[5:], strict=True)])
+        # ids 0..2 are evicted: the bound is 6
+        hits = store.search(MODEL, x[4], 10, exclude="id4")
+        want = cosine_ranking(x[3:], x[4], ids[3:], "id4")
+        assert [h.id for h in hits] == [i for i, _ in want]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-4)
+        assert {h.id: h.filename for h in hits}["id3"] == "id3.png"
+        assert {h.id: h.filename for h in hits}["id6"] is None
+        assert len(store.search(MODEL, x[4], 2)) == 2
+        assert store.search("other-model", x[4], 3) == []
+    finally:
+        store.close()
+
+
+def test_redis_old_layout_is_moved_and_searched(search_url: str) -> None:
+    """Vectors a replica of the previous version wrote (one big hash) load and are found."""
+    r = redis.Redis.from_url(search_url)
+    x = vecs(3, seed=1)
+    for n, v in enumerate(x):
+        r.hset("{t-old}:vec", _member(MODEL, f"old{n}"), v.astype("<f4").tobytes())
+        r.zadd("{t-old}:order", {_member(MODEL, f"old{n}"): n + 1})
+    r.set("{t-old}:seq", 3)
+    store = RedisStore(search_url, max_items=10, prefix="t-old")
+    try:
+        assert r.hlen("{t-old}:vec") == 0
+        got = store.get_many(MODEL, ["old0", "old2"])
+        np.testing.assert_array_equal(got["old2"], x[2])
+        hits = store.search(MODEL, x[0], 5, exclude="old0")
+        assert sorted(h.id for h in hits) == ["old1", "old2"]
+        assert store.count() == 3
+    finally:
+        store.close()
+        r.close()
+
+
+def test_plain_redis_stores_but_cannot_search(plain_url: str, tiny_model_dir: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisStore(plain_url, max_items=10, prefix="t-plain")
+    try:
+        with pytest.raises(SearchUnavailable, match="search module"):
+            store.search(MODEL, vecs(1)[0], 3)
+    finally:
+        store.close()
+    settings = Settings(model_dir=tiny_model_dir, device="cpu", warmup_batches=1,
+                        embed_store=plain_url, engine="torch")
+    with TestClient(create_app(settings)) as c:
+        assert "no search module" in caplog.text
+        r = c.post("/embed", files=[("file", ("a.png", png_bytes(1)))])
+        assert r.status_code == 200
+        image_id = r.json()["results"][0]["id"]
+        assert c.get("/embed", params={"id": image_id}).status_code == 200
+        r = c.get("/search", params={"id": image_id})
+        assert r.status_code == 501 and r.json()["error"]["code"] == "search_unavailable"
+        r = c.post("/search", files=[("file", ("a.png", png_bytes(2)))])
+        assert r.status_code == 501

@@ -1,0 +1,199 @@
+"""One behaviour suite for every embedding store: memory, SQLite and Redis (a real redis-server).
+
+The Redis cases start redis-server on a free loopback port; they skip when it is not installed,
+except in CI (CI=true), where a missing redis-server fails instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from helpers.daemons import Daemon, start_redis
+
+from app.serving.store import EmbeddingStore, MemoryStore, SQLiteStore, open_store
+from app.serving.store.redis_store import RedisStore
+
+MODEL = "a" * 64
+OTHER_MODEL = "b" * 64
+
+def vec(seed: int, dim: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    daemon: Daemon | None = None
+    try:
+        daemon, url = start_redis(tmp_path_factory.mktemp("redis"))
+        yield url
+    finally:
+        if daemon is not None:
+            daemon.stop()
+
+
+class StoreFactory:
+    """Opens stores of one kind over the same backing data (so that reopening can be tested)."""
+
+    def __init__(self, kind: str, tmp_path: Path, redis_url: str = "") -> None:
+        self.kind = kind
+        self._path = tmp_path / "emb.sqlite3"
+        self._url = redis_url
+        self.opened: list[EmbeddingStore] = []
+
+    def __call__(self, max_items: int) -> EmbeddingStore:
+        store: EmbeddingStore
+        if self.kind == "memory":
+            store = MemoryStore(max_items)
+        elif self.kind == "sqlite":
+            store = SQLiteStore(self._path, max_items)
+        else:
+            store = RedisStore(self._url, max_items)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    url = ""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        with redis.Redis.from_url(url) as r:
+            r.flushdb()  # each test starts from an empty database
+    factory = StoreFactory(request.param, tmp_path, url)
+    yield factory
+    for store in factory.opened:
+        store.close()
+
+
+def test_put_get_roundtrip(make_store: StoreFactory) -> None:
+    store = make_store(100)
+    items = [(f"id{i}", vec(i)) for i in range(5)]
+    store.put_many(MODEL, items)
+    got = store.get_many(MODEL, ["id0", "id3", "missing"])
+    assert set(got) == {"id0", "id3"}
+    for key in ("id0", "id3"):
+        assert got[key].dtype == np.float32
+        np.testing.assert_array_equal(got[key], dict(items)[key])
+    assert store.count() == 5
+    assert store.get_many(MODEL, []) == {}
+    store.put_many(MODEL, [])  # a no-op, not an error
+    assert store.count() == 5
+
+
+def test_float64_input_is_stored_as_float32(make_store: StoreFactory) -> None:
+    store = make_store(10)
+    v = np.array([0.1, -2.5, 3.0], dtype=np.float64)
+    store.put_many(MODEL, [("x", v)])
+    np.testing.assert_array_equal(store.get_many(MODEL, ["x"])["x"], v.astype(np.float32))
+
+
+def test_oldest_evicted_beyond_max_items(make_store: StoreFactory) -> None:
+    store = make_store(3)
+    for i in range(5):  # one put per item: each is younger than the one before
+        store.put_many(MODEL, [(f"id{i}", vec(i))])
+    assert store.count() == 3
+    assert set(store.get_many(MODEL, [f"id{i}" for i in range(5)])) == {"id2", "id3", "id4"}
+    # a batch larger than the bound keeps its newest items
+    store.put_many(MODEL, [(f"b{i}", vec(100 + i)) for i in range(5)])
+    assert store.count() == 3
+    assert set(store.get_many(MODEL, [f"b{i}" for i in range(5)])) == {"b2", "b3", "b4"}
+
+
+def test_replace_refreshes(make_store: StoreFactory) -> None:
+    store = make_store(3)
+    for i in range(3):
+        store.put_many(MODEL, [(f"id{i}", vec(i))])
+    new = vec(99)
+    store.put_many(MODEL, [("id0", new)])  # id0 is now the youngest, with the new vector
+    assert store.count() == 3
+    store.put_many(MODEL, [("id3", vec(3))])  # evicts id1, the oldest now
+    got = store.get_many(MODEL, ["id0", "id1", "id2", "id3"])
+    assert set(got) == {"id0", "id2", "id3"}
+    np.testing.assert_array_equal(got["id0"], new)
+
+
+def test_model_keys_isolate(make_store: StoreFactory) -> None:
+    store = make_store(10)
+    store.put_many(MODEL, [("same", vec(1))])
+    store.put_many(OTHER_MODEL, [("same", vec(2))])
+    np.testing.assert_array_equal(store.get_many(MODEL, ["same"])["same"], vec(1))
+    np.testing.assert_array_equal(store.get_many(OTHER_MODEL, ["same"])["same"], vec(2))
+    assert store.get_many("c" * 64, ["same"]) == {}
+    assert store.count() == 2
+    # a separator inside the names must not make two different keys collide
+    store.put_many("m:1", [("x", vec(3))])
+    assert store.get_many("m", ["1:x"]) == {}
+
+
+# the memory store is process-local by design, so only the persistent ones are reopened
+@pytest.mark.parametrize("make_store", ["sqlite", "redis"], indirect=True)
+def test_survives_reopen(make_store: StoreFactory) -> None:
+    store = make_store(3)
+    store.put_many(MODEL, [(f"id{i}", vec(i)) for i in range(3)])
+    store.close()
+    again = make_store(3)
+    assert again.count() == 3
+    np.testing.assert_array_equal(again.get_many(MODEL, ["id1"])["id1"], vec(1))
+    # the age order survived too: the next put evicts id0
+    again.put_many(MODEL, [("id3", vec(3))])
+    assert set(again.get_many(MODEL, ["id0", "id1", "id2", "id3"])) == {"id1", "id2", "id3"}
+
+
+@pytest.mark.parametrize("max_items", [10_000, 50])
+def test_concurrent_puts_from_threads(make_store: StoreFactory, max_items: int) -> None:
+    store = make_store(max_items)
+    n_threads, per_thread, batch = 4, 60, 6
+    errors: list[BaseException] = []
+    start = threading.Barrier(n_threads)
+
+    def writer(t: int) -> None:
+        try:
+            start.wait(timeout=10)
+            for b in range(0, per_thread, batch):
+                store.put_many(MODEL, [(f"t{t}-{i}", vec(t * 1000 + i))
+                                       for i in range(b, b + batch)])
+                store.get_many(MODEL, [f"t{t}-{b}"])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads)
+    assert errors == []
+    total = n_threads * per_thread
+    assert store.count() == min(total, max_items)
+    got = store.get_many(MODEL, [f"t{t}-{i}" for t in range(n_threads)
+                                 for i in range(per_thread)])
+    # every survivor holds its own vector: no write was torn or mixed with another thread's
+    assert len(got) == min(total, max_items)
+    for key, v in got.items():
+        t, i = key[1:].split("-")
+        np.testing.assert_array_equal(v, vec(int(t) * 1000 + int(i)))
+
+
+def test_open_store_picks_backend(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    assert isinstance(open_store("memory", 5), MemoryStore)
+    sqlite = open_store(str(tmp_path / "x.sqlite3"), 5)
+    assert isinstance(sqlite, SQLiteStore)
+    sqlite.close()
+    url = request.getfixturevalue("redis_url")
+    r = open_store(url, 5)
+    try:
+        assert isinstance(r, RedisStore)
+    finally:
+        r.close()
+
+
+def test_redis_unreachable_fails_at_open() -> None:
+    from daemons import free_port
+
+    with pytest.raises(redis.ConnectionError):
+        RedisStore(f"redis://127.0.0.1:{free_port()}/0", 5, timeout_s=1.0)
