@@ -7,10 +7,13 @@ It is re-read on SIGHUP; a file that does not load (missing, empty, a malformed 
 keys loaded before, with a log line naming the line, never a key.
 
 The check is an ASGI middleware outside the fast path (app/api/fastpath.py), so it covers every
-route. A key is compared as its sha256 digest, with hmac.compare_digest against every known
-digest (constant time, no early exit). A good key's namespace, a stable non-secret id (the
-first 16 hex digits of its sha256), goes to ``scope["state"]["namespace"]``, which the routes
-read as ``request.state.namespace``: the embedding store keeps each namespace apart.
+route but those the route table (app/api/route_table.py) says are open; the Open Inference
+Protocol's REST skin (app/api/oip/rest.py) and gRPC check the same ``KeyRing`` themselves, so
+that their refusals are in their own protocol's terms. A key is compared as its sha256 digest,
+with hmac.compare_digest against every known digest (constant time, no early exit). A good
+key's namespace, a stable non-secret id (the first 16 hex digits of its sha256), goes to
+``scope["state"]["namespace"]``, which the routes read as ``request.state.namespace``: the
+embedding store keeps each namespace apart.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import JSONBytes, error_response
+from app.api.errors import error_response
+from app.api.route_table import is_open
 from app.serving.metrics import Metrics
 
 log = logging.getLogger("imgrec.auth")
@@ -35,22 +39,6 @@ log = logging.getLogger("imgrec.auth")
 TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 MIN_KEY_CHARS = 16
 REALM = 'Bearer realm="imgrec"'
-
-# Open without a key, whatever the method: liveness, readiness, metrics, the model's card, the
-# API's own description and the web page. Everything else needs a key, so that a route added
-# later is protected unless it is named here.
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/model", "/docs",
-                        "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"})
-# Open for GET and HEAD only: the page's static assets, the model card's files (plots), and the
-# Open Inference Protocol's health and metadata (its inference is a POST).
-OPEN_GET_PREFIXES = ("/static/", "/model/", "/v2/")
-
-
-def is_open(method: str, path: str) -> bool:
-    if path in OPEN_PATHS:
-        return True
-    return method in ("GET", "HEAD") and (path == "/v2" or path.startswith(OPEN_GET_PREFIXES))
-
 
 class KeyFileError(ValueError):
     """The keys file cannot be used (the message names the line, never the key)."""
@@ -170,12 +158,8 @@ class ApiKeyMiddleware:
             namespace = self.keys.check(authorization)
         except Unauthorized as e:
             self.metrics.rejections.labels("unauthorized").inc()
-            headers = {"WWW-Authenticate": e.challenge}
-            if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
-                # the Open Inference Protocol's error body, as its other errors have
-                response = JSONBytes({"error": e.message}, status_code=401, headers=headers)
-            else:
-                response = error_response(401, "unauthorized", e.message, headers)
+            response = error_response(401, "unauthorized", e.message,
+                                      {"WWW-Authenticate": e.challenge})
             await response(scope, receive, send)
             return
         # A new state dict in the same scope: some servers share one dict between requests

@@ -1,4 +1,11 @@
-"""JSON errors: {"error": {"code", "message"}} with the right status, for every failure."""
+"""The JSON skin's errors: {"error": {"code", "message"}} with the right status, for every
+failure, built here and nowhere else.
+
+The Service's refusals (``ServiceError``, app/serving/errors.py) are mapped by
+``service_error_response`` -- one mapping, used by the exception handler the app installs and by
+the fast path, so the routes never catch them. ``ApiError`` is the same kind of refusal for what
+only HTTP knows (a page asset that does not exist), so the one mapping answers it too.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.serving.errors import ServiceError
+
 
 class JSONBytes(Response):
     """orjson with numpy support: embeddings serialise without a Python list in between."""
@@ -21,20 +30,32 @@ class JSONBytes(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-class ApiError(Exception):
+class ApiError(ServiceError):
+    """A refusal only HTTP knows, with any extra headers it needs."""
+
     def __init__(self, status: int, code: str, message: str,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code, status=status)
         self.headers = headers
 
 
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> JSONBytes:
     return JSONBytes({"error": {"code": code, "message": message}}, status_code=status,
-                          headers=headers)
+                     headers=headers)
+
+
+def service_error_response(e: ServiceError) -> JSONBytes:
+    """The one mapping of the Service's refusals to the JSON skin's answer."""
+    headers = dict(e.headers or {}) if isinstance(e, ApiError) else {}
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(e.retry_after)
+    return error_response(e.status, e.code, e.message, headers or None)
+
+
+def internal_error_response(e: BaseException) -> JSONBytes:
+    """A bug: this request fails with a 500 that names no detail; the process goes on."""
+    return error_response(500, "internal_error", f"{type(e).__name__}: internal error")
 
 
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
@@ -57,9 +78,9 @@ def allowed_methods(request: Request) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONBytes:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONBytes:
+        return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONBytes:
@@ -79,4 +100,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONBytes:
-        return error_response(500, "internal_error", f"{type(exc).__name__}: internal error")
+        # Starlette re-raises it after this answer, so uvicorn logs the traceback
+        return internal_error_response(exc)

@@ -1,4 +1,8 @@
-"""Request metrics as a plain ASGI middleware (BaseHTTPMiddleware costs far more per request)."""
+"""Request metrics as a plain ASGI middleware (BaseHTTPMiddleware costs far more per request).
+
+Every request is counted by route (a bounded label from the route table, or the Open Inference
+Protocol's route template, which its skin leaves in the scope's state as ``route``) and
+status, refusals included."""
 
 from __future__ import annotations
 
@@ -7,10 +11,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.oip import rest as oip
+from app.api import route_table
 from app.serving.metrics import Metrics
-
-ROUTES = {"/predict", "/embed", "/model", "/healthz", "/readyz", "/metrics"}
 
 
 class MetricsMiddleware:
@@ -23,9 +25,10 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        label = (path if path in ROUTES
-                 else oip.route_template(path) if oip.handles(path) else "other")
-        route = f"{scope['method']} {label}"
+        method = scope["method"]
+        # a state dict of this request's own (some servers share one between requests): the
+        # skins write the route and the images answered into it
+        scope["state"] = dict(scope.get("state") or {})
         status = 500
         started = time.perf_counter()
 
@@ -38,10 +41,12 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            state: Any = scope.get("state") or {}
+            named = state.get("route") if isinstance(state, dict) else None
+            route = f"{method} {named or route_table.label(path)}"
             m = self.metrics
             m.requests.labels(route, str(status)).inc()
             m.latency.labels(route).observe(time.perf_counter() - started)
-            state: Any = scope.get("state") or {}
             images = state.get("images") if isinstance(state, dict) else None
             if images:
                 m.images.labels(route).inc(images)

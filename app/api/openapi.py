@@ -19,13 +19,15 @@ of any protocol reuse these pieces:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
+from app.api.deps import STORED_HEADER
+from app.api.route_table import STORING, is_open
 from app.serving.upload_checks import ALLOWED_FORMATS
 
 # PIL's format names -> the registered media types (PIL.Image.MIME knows most, but only after
@@ -64,6 +66,38 @@ def errors(statuses: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
             entry["headers"] = _RETRY_AFTER
         out[status] = entry
     return out
+
+
+UPLOAD_ERRORS = errors({
+    400: "malformed multipart body, or no part named `file`",
+    413: "body over IMGREC_MAX_UPLOAD_BYTES, more than IMGREC_MAX_FILES files, or an image over "
+         "IMGREC_MAX_IMAGE_PIXELS",
+    415: "a file is not an image in an allowed format, or cannot be decoded",
+    422: "bad query parameters",
+    500: "the forward pass failed (this request only; the service goes on)",
+    503: "overloaded (queue full), warming up or shutting down",
+    504: "the request's deadline (IMGREC_REQUEST_TIMEOUT_MS) passed while queued",
+})
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+SECURITY_SCHEME = "apiKey"
+UNAUTHORIZED: dict[str, Any] = {
+    "description": "no API key, or not a valid one (`Authorization: Bearer <key>`)",
+    "headers": {"WWW-Authenticate": {"description": "`Bearer realm=\"imgrec\"`, with "
+                                     "`error=\"invalid_token\"` for a wrong key",
+                                     "schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": ERROR_REF}},
+}
+STORED: dict[str, Any] = {
+    "description": "`true` when every vector of the answer is in the embedding store, "
+                   "`false` during a store outage (the answer itself is complete)",
+    "schema": {"type": "string", "enum": ["true", "false"]},
+}
+STORE_DOWN: dict[str, Any] = {
+    "description": "the embedding store is unavailable (Retry-After)",
+    "headers": _RETRY_AFTER,
+    "content": {"application/json": {"schema": ERROR_REF}},
+}
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
 def image_media_types() -> list[str]:
@@ -105,8 +139,6 @@ def _uploads_schema(max_files: int) -> dict[str, Any]:
 
 # (path, method, query parameter): its maximum is the loaded model's number of classes
 LABEL_BOUNDED = [("/predict", "post", "top_k")]
-# further changes to the document, applied in order (e.g. security schemes)
-PATCHES: list[Callable[[FastAPI, dict[str, Any]], None]] = []
 
 
 def _build(app: FastAPI) -> tuple[dict[str, Any], bool]:
@@ -129,9 +161,39 @@ def _build(app: FastAPI) -> tuple[dict[str, Any], bool]:
                     p["description"] = f"{p.get('description', name)}; this model has " \
                                        f"{classes}"
     _validation_errors_are_errors(doc)
-    for patch in PATCHES:
-        patch(app, doc)
+    _document_store(doc)
+    if app.state.api_keys is not None:
+        _document_keys(doc)
     return doc, complete
+
+
+def _document_store(doc: dict[str, Any]) -> None:
+    """`X-Imgrec-Stored` on the 200 answers of the routes that store vectors (the route
+    table's), and GET /embed's 503 while the store is down."""
+    paths: dict[str, dict[str, Any]] = doc.get("paths", {})
+    for method, path in STORING:
+        op = paths.get(path, {}).get(method.lower())
+        if op is not None:
+            ok = op.setdefault("responses", {}).setdefault("200", {"description": "OK"})
+            ok.setdefault("headers", {})[STORED_HEADER] = STORED
+    lookup = paths.get("/embed", {}).get("get")
+    if lookup is not None:
+        lookup.setdefault("responses", {}).setdefault("503", STORE_DOWN)
+
+
+def _document_keys(doc: dict[str, Any]) -> None:
+    """With API keys: the bearer scheme, and on every route the key middleware protects (the
+    same ``is_open`` decides both) its `security` and its 401 answer."""
+    schemes = doc.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[SECURITY_SCHEME] = {"type": "http", "scheme": "bearer",
+                                "description": "one of the keys in IMGREC_API_KEYS_FILE"}
+    for path, item in doc.get("paths", {}).items():
+        for method in HTTP_METHODS:
+            op = item.get(method)
+            if op is None or is_open(method.upper(), path):
+                continue
+            op["security"] = [{SECURITY_SCHEME: []}]
+            op.setdefault("responses", {})["401"] = UNAUTHORIZED
 
 
 def _validation_errors_are_errors(doc: dict[str, Any]) -> None:

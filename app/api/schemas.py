@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.model.card import InputSpec
-
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the image's bytes")
 
 
@@ -50,6 +48,18 @@ class EmbedResponse(BaseModel):
     results: list[Embedding] = Field(description="one per image, in request order")
 
 
+class InputInfo(BaseModel):
+    """How an upload becomes the network's input (the card's input spec, as the API shows it:
+    its own schema, so that a card change is an API change made on purpose)."""
+
+    size: int = Field(gt=0, description="square input side in pixels")
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+    resize: str = Field(description="stretch, or shorter-side-crop (the ImageNet rule)")
+    interpolation: str
+
+
 class Batching(BaseModel):
     max_batch_size: int
     max_wait_ms: float
@@ -70,7 +80,7 @@ class ModelInfo(BaseModel):
     preset: str
     parameters: int
     labels: list[str]
-    input: InputSpec
+    input: InputInfo
     embedding_dim: int
     weights_sha256: str
     metrics: dict[str, Any] = Field(description="the card's evaluation metrics")
@@ -88,3 +98,21 @@ class Health(BaseModel):
 
 class Ready(BaseModel):
     status: Literal["ready"]
+
+
+class NeighborOut(BaseModel):
+    id: str = Field(description="sha256 hex of the stored image's bytes")
+    score: float = Field(ge=-1.0, le=1.0, description="cosine similarity (1.0 = same "
+                         "direction)")
+    filename: str | None = Field(description="the filename given when it was stored")
+
+
+class SearchResult(BaseModel):
+    id: str = Field(description="sha256 hex of the query image's bytes")
+    filename: str | None
+    neighbors: list[NeighborOut] = Field(description="best first; at most k")
+
+
+class SearchResponse(BaseModel):
+    model: ModelRef
+    results: list[SearchResult] = Field(description="one per query image, in order")

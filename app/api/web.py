@@ -10,13 +10,13 @@ import hashlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 from starlette.responses import FileResponse
 
 from app.api.errors import ApiError, JSONBytes
+from app.api.openapi import errors
 
 router = APIRouter()
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -41,14 +41,8 @@ PAGE_HEADERS = {
     # revalidate every time (cheap: ETag), so a new release's page is never mixed with old JS
     "Cache-Control": "no-cache",
 }
-ERROR_BODY: dict[str, Any] = {"application/json": {"schema": {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["code", "message"],
-                             "properties": {"code": {"type": "string"},
-                                            "message": {"type": "string"}}}}}}}
-NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {
-    404: {"description": "not an allow-listed name, or the model directory lacks that file",
-          "content": ERROR_BODY}}
+NOT_FOUND_DOC = errors({
+    404: "not an allow-listed name, or the model directory lacks that file"})
 
 
 class CardFile(BaseModel):

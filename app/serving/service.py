@@ -1,55 +1,88 @@
-"""The serving core the routes talk to: decode pool -> micro-batcher -> predictor -> store.
+"""The one serving core every protocol talks to: decode pool -> micro-batcher -> predictor ->
+store, and every rule a request meets on the way.
+
+The skins (JSON routes, the Open Inference Protocol over REST and gRPC, search, the page) only
+translate between their wire format and these calls, and map ``ServiceError`` to their error
+body in one place. The rules live here: the lifecycle state, the accepting-work check (each
+refusal counted once), the model being loaded, the image-count and top-k bounds, the caller's
+store namespace, filename cleaning, the deadline, and whether the vectors were stored.
 
 Lifecycle: ``start()`` opens the store, loads the model onto its device, runs the warm-up and
-only then reports ready; ``begin_drain()`` turns readiness off while requests are still served
-(the lame duck of a SIGTERM); ``stop()`` refuses new work, answers everything already accepted,
-then ends the worker and closes the store.
+only then reports ``READY``; ``begin_drain()`` turns readiness off while requests are still
+served (the lame duck of a SIGTERM: ``DRAINING``); ``stop()`` refuses new work, answers
+everything already accepted, then ends the worker and closes the store (``STOPPED``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
-from app.model.card import InputSpec
-from app.serving.batcher import Closed, DeadlineExceeded, MicroBatcher, QueueFull
+from app.model.card import InputSpec, ModelCard
+from app.serving import batcher, request_rules
+from app.serving.batcher import Closed, MicroBatcher, QueueFull
+from app.serving.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    InferenceFailed,
+    SearchNotSupported,
+    ServiceError,
+    Unavailable,
+    UnknownId,
+)
 from app.serving.metrics import Metrics
 from app.serving.predictor import Prediction, Predictor
 from app.serving.store import open_store
 from app.serving.store.guard import GuardedStore, StoreUnavailable
-from app.serving.store.vector_index import Neighbor, SearchUnavailable, clean_filename
-from app.serving.upload_checks import ImageError, prepare
+from app.serving.store.vector_index import Neighbor, SearchUnavailable
+from app.serving.upload_checks import prepare
 from app.settings import Settings
 
 log = logging.getLogger("imgrec.service")
+T = TypeVar("T")
 
 
-class ServiceError(Exception):
-    """A refusal with its HTTP status; the API layer turns it into a JSON error."""
+class Lifecycle(Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # readiness off, requests still served (the lame duck)
+    STOPPED = "stopped"
 
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+@dataclass(slots=True)
+class Upload:
+    """One image file as a skin received it."""
+
+    data: bytes
+    filename: str | None = None
 
 
 @dataclass(slots=True)
 class ImageResult:
-    id: str
+    id: str  # sha256 hex of the file's bytes (of the pixel bytes for decoded pixels)
     prediction: Prediction
+    filename: str | None = None  # cleaned (request_rules.clean_filename)
     stored: bool = False  # its vector reached the embedding store (False during an outage)
 
 
-# what the batcher carries per image: (image id, pixels, store key, filename)
-Job = tuple[str, bytes, str, str | None]
+@dataclass(slots=True)
+class Job:
+    """What the batcher carries per image."""
+
+    image_id: str
+    pixels: bytes  # uint8 (C, H, W) at the card's input size
+    store_key: str
+    filename: str | None
 
 
 def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int,
@@ -60,63 +93,97 @@ def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int,
     return image_id, pixels, time.perf_counter() - t0
 
 
+def all_stored(results: Sequence[ImageResult]) -> bool:
+    """True when every vector of these results reached the embedding store."""
+    return all(r.stored for r in results)
+
+
+def load_predictor(s: Settings) -> Predictor:
+    """The model of these settings on its device (blocking: minutes for a large one)."""
+    return Predictor(s.model_dir, s.device, s.dtype, s.torch_threads, s.engine, s.precision)
+
+
 class Service:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None,
+                 predictor_loader: Callable[[Settings], Predictor] = load_predictor) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self._load_predictor = predictor_loader
         self.predictor: Predictor | None = None
         self.batcher: MicroBatcher[Job, ImageResult] | None = None
         self.store: GuardedStore | None = None
-        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
-                                               thread_name_prefix="decode")
-        self.ready = False
-        self.draining = False
-        self.serving = False  # from ready until stop(); draining does not end it
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self.state = Lifecycle.STARTING
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        self._decode_pool = ThreadPoolExecutor(max_workers=s.decode_threads,
+                                               thread_name_prefix="decode")
         self.store = GuardedStore(
             partial(open_store, s.embed_store, s.embed_store_max_items, s.embed_store_timeout_s),
             self.metrics, backoff_min_s=s.embed_store_backoff_min_s,
             backoff_max_s=s.embed_store_backoff_max_s)
         await asyncio.to_thread(self.store.start)
-        self.predictor = await asyncio.to_thread(
-            Predictor, s.model_dir, s.device, s.dtype, s.torch_threads, s.engine, s.precision)
+        self.predictor = await asyncio.to_thread(self._load_predictor, s)
         self.batcher = MicroBatcher(
             self._forward, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
-            on_batch=self.metrics.observe_batch, finish=self._keep)
+            on_batch=self.metrics.observe_batch, finish=self._store_batch)
         await self.batcher.on_inference_thread(self.predictor.warm_up, s.warmup_batches,
                                                s.max_batch_size)
         self.batcher.start()
-        # Start-up leaves millions of long-lived objects (torch, the ONNX export); without this
-        # every full collection walks them all and stalls the event loop for 100+ ms (seen as
-        # p99 = 10x p50). Freezing moves them out of the collector's view.
-        gc.collect()
-        gc.freeze()
-        self.ready = self.serving = True
+        self.state = Lifecycle.READY
         self.metrics.ready.set(1)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         log.info("ready: %s on %s", self.predictor.card.name, self.predictor.device)
 
     def begin_drain(self) -> None:
-        self.draining = True
-        self.ready = False
+        if self.state in (Lifecycle.STARTING, Lifecycle.READY):
+            self.state = Lifecycle.DRAINING
         self.metrics.ready.set(0)
 
     async def stop(self) -> None:
         self.begin_drain()
-        self.serving = False
+        self.state = Lifecycle.STOPPED
         if self.batcher is not None:
             await self.batcher.stop()
-        self._decode_pool.shutdown(wait=True)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=True)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
         log.info("stopped: every accepted image answered")
 
-    # -- work ----------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Readiness (/readyz, the protocols' ready calls): loaded, warm and not draining."""
+        return self.state is Lifecycle.READY
+
+    # -- the rules ---------------------------------------------------------------------------
+    def check_accepting(self) -> None:
+        """Refuse (503, counted once as ``not_ready``) unless work is accepted now: from ready
+        until stop(); a draining service still serves. Skins call it before reading a body."""
+        if self.state not in (Lifecycle.READY, Lifecycle.DRAINING) or self.batcher is None:
+            raise self._refusal("not_ready", "not_ready", "the service is not ready "
+                                f"({self.state.value})")
+
+    @property
+    def card(self) -> ModelCard:
+        """The served model's card; 503 while the model is still loading."""
+        if self.predictor is None:
+            raise Unavailable("the model is still loading", code="not_ready",
+                              retry_after=self.settings.retry_after_s)
+        return self.predictor.card
+
+    def model_ref(self) -> dict[str, str]:
+        """The model reference every answer carries: ``{"name", "version"}``."""
+        card = self.card
+        return {"name": card.name, "version": card.version}
+
+    def top_k(self, k: int) -> int:
+        return request_rules.top_k(k, len(self.card.labels))
+
     def store_key(self, namespace: str | None) -> str:
         """The embedding store's key for this model and caller: vectors of another model, or
         of another API key's namespace, are never found under it."""
@@ -124,152 +191,166 @@ class Service:
         key = self.predictor.model_key
         return key if namespace is None else f"{key}:{namespace}"
 
-    def _forward(self, items: list[Job]) -> list[ImageResult]:
-        """On the inference thread."""
-        assert self.predictor is not None
-        predictions = self.predictor.forward([item[1] for item in items])
-        return [ImageResult(item[0], p) for item, p in zip(items, predictions, strict=True)]
-
-    def _keep(self, items: list[Job], results: Sequence[ImageResult]) -> None:
-        """On the batcher's finish thread, while the next batch computes: every vector goes to
-        the store before its request is answered, so a GET /embed right after finds it. A
-        store outage only marks the results as not stored (the guard never raises)."""
-        assert self.store is not None
-        by_key: dict[str, list[tuple[ImageResult, str | None]]] = {}
-        for (_, _, key, name), r in zip(items, results, strict=True):
-            by_key.setdefault(key, []).append((r, name))
-        for key, named in by_key.items():
-            group = [r for r, _ in named]
-            started = time.perf_counter()
-            stored = self.store.put_many(key, [(r.id, r.prediction.embedding) for r in group],
-                                         [name for _, name in named])
-            if stored:
-                self.metrics.store_write_seconds.observe(time.perf_counter() - started)
-            for r in group:
-                r.stored = stored
-
-    def _refusal(self, reason: str, code: str, message: str) -> ServiceError:
+    def _refusal(self, reason: str, code: str, message: str) -> Unavailable:
         self.metrics.rejections.labels(reason).inc()
-        return ServiceError(503, code, message, retry_after=self.settings.retry_after_s)
+        return Unavailable(message, code=code, retry_after=self.settings.retry_after_s)
 
-    async def infer(self, uploads: list[bytes], namespace: str | None = None,
-                    filenames: Sequence[str | None] | None = None) -> list[ImageResult]:
+    # -- inference ---------------------------------------------------------------------------
+    async def infer(self, uploads: Sequence[Upload], namespace: str | None = None
+                    ) -> list[ImageResult]:
         """Decode in parallel off the loop, queue all images at once, await their results.
-        Their vectors are stored under ``store_key(namespace)``, with the (cleaned) filenames."""
-        self._check_serving()
-        assert self.predictor is not None
+        Their vectors are stored under ``store_key(namespace)``, with the cleaned filenames."""
+        self.check_accepting()
+        request_rules.image_count(len(uploads), self.settings.max_files)
+        prepared = await self._decode_all([u.data for u in uploads])
+        names = [request_rules.clean_filename(u.filename) for u in uploads]
+        return await self._run([Job(image_id, pixels, "", name) for (image_id, pixels), name
+                                in zip(prepared, names, strict=True)], namespace)
+
+    async def _decode_all(self, uploads: list[bytes]) -> list[tuple[str, bytes]]:
+        """(id, pixels) per upload, decoded on the pool; the first bad one refuses the request
+        (naming which file it was)."""
+        assert self.predictor is not None and self._decode_pool is not None
         loop = asyncio.get_running_loop()
-        spec, max_pixels = self.predictor.card.input, self.settings.max_image_pixels
-        header_pixels = self.settings.max_image_header_pixels
-        jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec, max_pixels,
-                                     header_pixels) for data in uploads]
+        s, spec = self.settings, self.predictor.card.input
+        jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec,
+                                     s.max_image_pixels, s.max_image_header_pixels)
+                for data in uploads]
         done = await asyncio.gather(*jobs, return_exceptions=True)
         for index, outcome in enumerate(done):
-            if isinstance(outcome, ImageError):
+            if isinstance(outcome, ServiceError):
                 self.metrics.rejections.labels(outcome.code).inc()
-                where = f"file {index + 1} of {len(uploads)}: " if len(uploads) > 1 else ""
-                raise ServiceError(outcome.status, outcome.code, where + outcome.message)
+                if len(uploads) > 1:
+                    outcome.message = f"file {index + 1} of {len(uploads)}: {outcome.message}"
+                raise outcome
             if isinstance(outcome, BaseException):
                 raise outcome
-        prepared = [o for o in done if not isinstance(o, BaseException)]
-        for _, _, seconds in prepared:
+        out: list[tuple[str, bytes]] = []
+        for image_id, pixels, seconds in done:  # type: ignore[misc]
             self.metrics.decode_seconds.observe(seconds)
-        names = [clean_filename(n) for n in filenames] if filenames else [None] * len(prepared)
-        return await self._run([(image_id, pixels, name) for (image_id, pixels, _), name
-                                in zip(prepared, names, strict=True)], namespace)
+            out.append((image_id, pixels))
+        return out
 
     async def infer_pixels(self, pixels: np.ndarray, namespace: str | None = None
                            ) -> list[ImageResult]:
         """Images the caller decoded: uint8 (N, C, H, W) at the card's input size. They join the
         same batches as uploads; an image's id is the sha256 of its (C, H, W) pixel bytes."""
-        self._check_serving()
+        self.check_accepting()
         assert self.predictor is not None
         if pixels.dtype != np.uint8 or pixels.shape[1:] != self.predictor.image_shape:
-            raise ServiceError(400, "bad_pixels", f"pixels must be uint8 (N, "
-                               f"{', '.join(map(str, self.predictor.image_shape))}), got "
-                               f"{pixels.dtype} {tuple(pixels.shape)}")
+            raise BadRequest(f"pixels must be uint8 (N, "
+                             f"{', '.join(map(str, self.predictor.image_shape))}), got "
+                             f"{pixels.dtype} {tuple(pixels.shape)}", code="bad_pixels")
+        request_rules.image_count(len(pixels), self.settings.max_files)
         images = [image.tobytes() for image in np.ascontiguousarray(pixels)]
-        return await self._run([(hashlib.sha256(b).hexdigest(), b, None) for b in images],
-                               namespace)
+        return await self._run([Job(hashlib.sha256(b).hexdigest(), b, "", None)
+                                for b in images], namespace)
 
-    def _check_serving(self) -> None:
-        if not self.serving or self.batcher is None or self.predictor is None:
-            raise self._refusal("not_ready", "not_ready", "the service is not ready "
-                                "(warming up or shutting down)")
-
-    async def _run(self, items: list[tuple[str, bytes, str | None]], namespace: str | None
-                   ) -> list[ImageResult]:
-        """Queue prepared (image id, pixel bytes, filename) items at once and await their
-        results; the one queueing path of uploads and decoded pixels alike."""
+    async def _run(self, jobs: list[Job], namespace: str | None) -> list[ImageResult]:
+        """Queue prepared jobs at once and await their results; the one queueing path of
+        uploads and decoded pixels alike."""
         assert self.batcher is not None
         key = self.store_key(namespace)
+        for job in jobs:
+            job.store_key = key
         try:
-            futures = self.batcher.submit_many(
-                [(image_id, pixels, key, name) for image_id, pixels, name in items],
-                self.settings.request_timeout_ms / 1000.0)
+            futures = self.batcher.submit_many(jobs, self.settings.request_timeout_ms / 1000.0)
         except QueueFull as e:
             raise self._refusal("queue_full", "overloaded", f"{e}; retry later") from None
         except Closed as e:
             raise self._refusal("shutting_down", "shutting_down", str(e)) from None
         try:
-            results = await asyncio.gather(*futures)
-        except DeadlineExceeded as e:
+            return list(await asyncio.gather(*futures))
+        except batcher.DeadlineExceeded as e:
             for f in futures:  # the rest of this request is no longer wanted
                 f.cancel()
             self.metrics.rejections.labels("deadline").inc()
-            raise ServiceError(504, "deadline_exceeded", str(e)) from None
+            raise DeadlineExceeded(str(e)) from None
         except Exception as e:  # the batch failed: this request fails, the service goes on
             for f in futures:
                 f.cancel()
             log.exception("inference failed")
-            raise ServiceError(500, "inference_failed", f"inference failed: {e}") from None
-        return list(results)
+            raise InferenceFailed(f"inference failed: {e}") from None
 
-    async def lookup(self, ids: list[str], namespace: str | None = None
-                     ) -> dict[str, np.ndarray]:
-        """The vectors stored under ``store_key(namespace)`` for these ids (unknown ones are
-        absent); 503 while the store is down."""
+    def _forward(self, jobs: list[Job]) -> list[ImageResult]:
+        """On the inference thread."""
+        assert self.predictor is not None
+        predictions = self.predictor.forward([job.pixels for job in jobs])
+        return [ImageResult(job.image_id, p, job.filename)
+                for job, p in zip(jobs, predictions, strict=True)]
+
+    def _store_batch(self, jobs: list[Job], results: Sequence[ImageResult]) -> None:
+        """On the batcher's finish thread, while the next batch computes: every vector goes to
+        the store before its request is answered, so a GET /embed right after finds it. A
+        store outage only marks the results as not stored (the guard never raises)."""
+        assert self.store is not None
+        by_key: dict[str, list[ImageResult]] = {}
+        for job, r in zip(jobs, results, strict=True):
+            by_key.setdefault(job.store_key, []).append(r)
+        for key, group in by_key.items():
+            started = time.perf_counter()
+            stored = self.store.put_many(key, [(r.id, r.prediction.embedding) for r in group],
+                                         [r.filename for r in group])
+            if stored:
+                self.metrics.store_write_seconds.observe(time.perf_counter() - started)
+            for r in group:
+                r.stored = stored
+
+    # -- the store: lookups and search ---------------------------------------------------------
+    async def _store_call(self, call: Callable[[GuardedStore], T]) -> T:
+        """One hop to a worker thread for a store read; the store's refusals as the Service's."""
         if self.store is None or self.predictor is None:
             raise self._refusal("not_ready", "not_ready", "the service is not ready")
+        store = self.store
         try:
-            return await asyncio.to_thread(self.store.get_many, self.store_key(namespace), ids)
-        except StoreUnavailable:
-            raise self._refusal("store_unavailable", "store_unavailable",
-                                "the embedding store is unavailable; retry later") from None
-
-    async def search(self, query: np.ndarray, k: int, exclude: str | None = None,
-                     namespace: str | None = None) -> list[Neighbor]:
-        """The k stored images nearest to query (cosine), best first, never ``exclude``."""
-        if self.store is None or self.predictor is None:
-            raise self._refusal("not_ready", "not_ready", "the service is not ready")
-        try:
-            return await asyncio.to_thread(self.store.search, self.store_key(namespace), query,
-                                           k, exclude)
+            return await asyncio.to_thread(call, store)
         except SearchUnavailable as e:
-            raise ServiceError(501, "search_unavailable", str(e)) from None
+            raise SearchNotSupported(str(e)) from None
         except StoreUnavailable:
             raise self._refusal("store_unavailable", "store_unavailable",
                                 "the embedding store is unavailable; retry later") from None
+
+    async def lookup(self, ids: Sequence[str], namespace: str | None = None
+                     ) -> list[tuple[str, np.ndarray]]:
+        """(id, vector) for each id, in the order asked; 404 naming the unknown ones, 422 for
+        malformed ids, 503 while the store is down."""
+        wanted = request_rules.image_ids(ids)
+        key = self.store_key(namespace) if self.predictor is not None else ""
+        found = await self._store_call(lambda store: store.get_many(key, wanted))
+        unknown = [i for i in dict.fromkeys(wanted) if i not in found]
+        if unknown:
+            raise UnknownId("no embedding stored for id(s): " + ", ".join(unknown))
+        return [(i, found[i]) for i in wanted]
+
+    async def search_uploads(self, uploads: Sequence[Upload], k: int,
+                             namespace: str | None = None
+                             ) -> list[tuple[ImageResult, list[Neighbor]]]:
+        """Embed and store the uploads (as infer does), then each one's k nearest stored
+        images, never itself: one worker-thread hop for all the searches."""
+        request_rules.neighbours(k)
+        results = await self.infer(uploads, namespace)
+        key = self.store_key(namespace)
+
+        def run(store: GuardedStore) -> list[list[Neighbor]]:
+            return [store.search(key, r.prediction.embedding, k, r.id) for r in results]
+
+        return list(zip(results, await self._store_call(run), strict=True))
 
     async def search_stored(self, image_id: str, k: int, namespace: str | None = None
-                            ) -> tuple[str | None, list[Neighbor]] | None:
-        """(filename, neighbours) of a stored image, or None when it is not stored: one hop
-        to a worker thread for the lookup and the search together."""
-        if self.store is None or self.predictor is None:
-            raise self._refusal("not_ready", "not_ready", "the service is not ready")
-        store, key = self.store, self.store_key(namespace)
+                            ) -> tuple[str, str | None, list[Neighbor]]:
+        """(id, filename, neighbours) of a stored image; 404 when it is not stored."""
+        request_rules.neighbours(k)
+        (wanted,) = request_rules.image_ids([image_id])
+        key = self.store_key(namespace) if self.predictor is not None else ""
 
-        def run() -> tuple[str | None, list[Neighbor]] | None:
-            found = store.get_many(key, [image_id])
-            if image_id not in found:
+        def run(store: GuardedStore) -> tuple[str | None, list[Neighbor]] | None:
+            found = store.get_many(key, [wanted])
+            if wanted not in found:
                 return None
-            return (store.filenames(key, [image_id]).get(image_id),
-                    store.search(key, found[image_id], k, image_id))
+            return (store.filenames(key, [wanted]).get(wanted),
+                    store.search(key, found[wanted], k, wanted))
 
-        try:
-            return await asyncio.to_thread(run)
-        except SearchUnavailable as e:
-            raise ServiceError(501, "search_unavailable", str(e)) from None
-        except StoreUnavailable:
-            raise self._refusal("store_unavailable", "store_unavailable",
-                                "the embedding store is unavailable; retry later") from None
+        answer = await self._store_call(run)
+        if answer is None:
+            raise UnknownId(f"no embedding stored for id {wanted}")
+        return wanted, answer[0], answer[1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from app.model.card import InputSpec
 from app.model.decode import HEIF_AVAILABLE, DecodeError, open_image, plan_decode, prepare_opened
+from app.serving.errors import ServiceError
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF"} | (
     {"HEIF"} if HEIF_AVAILABLE else set())
@@ -28,14 +29,11 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF"} | (
 DEFAULT_MAX_HEADER_PIXELS = 210_000_000
 
 
-class ImageError(ValueError):
-    """A bad upload: carries the HTTP status and error code it should be answered with."""
+class ImageError(ServiceError):
+    """A bad upload (413 or 415): one of the Service's refusals, so every skin answers it."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code, status=status)
 
 
 def check_header(fmt: str, width: int, height: int, max_header_pixels: int) -> None:

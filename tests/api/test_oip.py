@@ -556,32 +556,40 @@ def test_grpc_port_zero_turns_grpc_off(tiny_model_dir: Path, tmp_path: Path) -> 
 
 async def test_rest_infer_stores_vectors_in_the_callers_namespace(tiny_model_dir: Path,
                                                                   tmp_path: Path) -> None:
-    """The API-key layer puts the caller's namespace on the request's state (contract 1): OIP
-    vectors then go to that namespace of the store, not the default one."""
+    """The OIP skin checks the API key itself and stores under that key's namespace (the
+    Service's store key), not the default one."""
     from asgi_lifespan import LifespanManager
 
+    from app.api.auth import namespace_of_key
+    from app.serving.errors import UnknownId
+
+    key = "tenant-a-key-0123456789"
+    keys = tmp_path / "keys"
+    keys.write_text(key + "\n")
     app = create_app(Settings(model_dir=tiny_model_dir, device="cpu", engine="torch",
-                              warmup_batches=1, embed_store="memory", grpc_port=0))
-
-    async def tenant(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            scope.setdefault("state", {})["namespace"] = "tenant-a"
-        await app(scope, receive, send)
-
+                              warmup_batches=1, embed_store="memory", grpc_port=0,
+                              api_keys_file=keys))
     blob = png_bytes(70)
     header = (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], '
               b'"parameters": {"binary_data_size": %d}}]}' % (4 + len(blob)))
-    async with LifespanManager(app, startup_timeout=60):
-        transport = httpx.ASGITransport(app=tenant)
+    async with LifespanManager(app, startup_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            r = await c.post(f"/v2/models/{MODEL}/infer",
-                             content=header + len(blob).to_bytes(4, "little") + blob,
-                             headers={"Inference-Header-Content-Length": str(len(header))})
+            body = header + len(blob).to_bytes(4, "little") + blob
+            refused = await c.post(f"/v2/models/{MODEL}/infer", content=body,
+                                   headers={"Inference-Header-Content-Length": str(len(header))})
+            r = await c.post(f"/v2/models/{MODEL}/infer", content=body,
+                             headers={"Inference-Header-Content-Length": str(len(header)),
+                                      "Authorization": f"Bearer {key}"})
+        assert refused.status_code == 401 and "error" in refused.json()
+        assert refused.headers["www-authenticate"].startswith("Bearer")
         assert r.status_code == 200, r.text
         service: Service = app.state.service
         image_id = hashlib.sha256(blob).hexdigest()
-        assert image_id in await service.lookup([image_id], namespace="tenant-a")
-        assert await service.lookup([image_id]) == {}
+        found = await service.lookup([image_id], namespace=namespace_of_key(key))
+        assert [i for i, _ in found] == [image_id]
+        with pytest.raises(UnknownId):
+            await service.lookup([image_id])
 
 
 def test_api_keys_guard_inference_on_both_protocols(tiny_model_dir: Path,

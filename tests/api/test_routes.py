@@ -15,6 +15,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from conftest import png_bytes
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from helpers.apps import Gate, metric, running
 from PIL import Image
 
@@ -380,9 +381,9 @@ def test_corrupted_uploads_never_cause_a_5xx(client: TestClient) -> None:
     assert client.post("/predict", files=files(originals[0])).status_code == 200
 
 
-async def test_fast_path_serves_predict_and_embed_without_the_router() -> None:
-    from app.api.errors import ApiError
-    from app.api.fastpath import FastPathMiddleware, _bool, _int
+async def test_fast_path_serves_predict_and_embed_without_the_router(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    from app.api.fastpath import FastPathMiddleware
 
     async def router(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError(f"{scope['method']} {scope['path']} reached the router")
@@ -395,13 +396,8 @@ async def test_fast_path_serves_predict_and_embed_without_the_router() -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    class NotReady:
-        draining, ready, serving, predictor = True, False, False, None
-
-        class settings:
-            retry_after_s = 1
-
-    app = type("App", (), {"state": type("S", (), {"service": NotReady()})()})()
+    service = Service(settings_for(tiny_model_dir, tmp_path))  # never started: not ready
+    app = type("App", (), {"state": type("S", (), {"service": service})()})()
     mw = FastPathMiddleware(router)
     for path in ("/predict", "/embed"):
         seen.clear()
@@ -409,11 +405,22 @@ async def test_fast_path_serves_predict_and_embed_without_the_router() -> None:
                  "headers": [], "app": app}
         await mw(scope, receive, send)
         assert seen[0]["status"] == 503  # answered by the route function, not the router
+    assert metric(generate_latest(service.metrics.registry).decode(),
+                  'imgrec_rejections_total{reason="not_ready"}') == 2
     with pytest.raises(AssertionError, match="reached the router"):
         await mw({"type": "http", "method": "GET", "path": "/model", "headers": []},
                  receive, send)
-    assert _int({"k": ["7"]}, "k", 5, 1) == 7 and _bool({"b": ["Yes"]}, "b", False) is True
-    for bad in (lambda: _int({"k": ["x"]}, "k", 5, 1), lambda: _int({"k": ["0"]}, "k", 5, 1),
-                lambda: _bool({"b": ["maybe"]}, "b", False)):
-        with pytest.raises(ApiError):
+
+
+def test_query_parameters_parse_as_the_routes_declare_them() -> None:
+    from app.api.query import K, TOP_K, BoolParam
+    from app.serving.errors import InvalidParameter
+
+    flag = BoolParam("b", False, "")
+    assert TOP_K.parse({"top_k": ["7"]}) == 7 and TOP_K.parse({}) == TOP_K.default
+    assert flag.parse({"b": ["Yes"]}) is True and flag.parse({"b": ["off"]}) is False
+    for bad in (lambda: TOP_K.parse({"top_k": ["x"]}), lambda: TOP_K.parse({"top_k": ["0"]}),
+                lambda: TOP_K.parse({"top_k": [""]}), lambda: K.parse({"k": ["101"]}),
+                lambda: flag.parse({"b": ["maybe"]})):
+        with pytest.raises(InvalidParameter):
             bad()

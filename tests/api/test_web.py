@@ -351,8 +351,6 @@ def neighbors_shown(driver: Any) -> list[list[dict[str, Any]]]:
 
 def test_search_shows_the_nearest_stored_images(
         page: Any, server: str, images: dict[str, Path], shots: Path) -> None:
-    if "/search" not in httpx.get(server + "/openapi.json").json()["paths"]:
-        pytest.skip("this server has no /search: test_without_search_the_page_never_asks_for_it")
     # stored by another client: the page knows only its filename
     elsewhere = images["Sneaker"]
     httpx.post(server + "/embed", headers=AUTH, timeout=WAIT_S, files=[
@@ -378,17 +376,6 @@ def test_search_shows_the_nearest_stored_images(
     assert by_id[elsewhere_id]["text"].startswith("stored-elsewhere.png · ")
     for n, e in zip(shown, expected, strict=True):
         assert n["text"].endswith(f" · {e['score']:.3f}")
-
-
-def test_without_search_the_page_never_asks_for_it(
-        page: Any, server: str, images: dict[str, Path]) -> None:
-    schema = httpx.get(server + "/openapi.json").json()
-    if "/search" in schema["paths"]:
-        pytest.skip("this server has /search: test_search_neighbours covers it")
-    upload(page, images["Sandal"])
-    wait_for(page, lambda d: settled(d, 1), "the answer")
-    assert not any("/search" in u for u in requested_urls(page))
-    assert page.find_element("css selector", "#results .neighbors").is_displayed() is False
 
 
 # ---- over plain HTTP ------------------------------------------------------------------------

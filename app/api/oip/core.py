@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from app import __version__
-from app.serving.service import ImageResult, Service, ServiceError
+from app.serving.errors import ServiceError
+from app.serving.service import ImageResult, Service, Upload
 
 if TYPE_CHECKING:
     from app.model.card import ModelCard
@@ -40,9 +41,11 @@ class OipError(Exception):
     """A refusal in the protocol's terms: the HTTP status, mapped by gRPC to its own codes
     (400 INVALID_ARGUMENT, 404 NOT_FOUND, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED)."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None,
+                 www_authenticate: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+        self.www_authenticate = www_authenticate
 
 
 def bad(message: str) -> OipError:
@@ -50,7 +53,8 @@ def bad(message: str) -> OipError:
 
 
 def from_service_error(e: ServiceError) -> OipError:
-    """The protocol knows fewer statuses than imgrec's JSON: every bad input (413, 415, 422...)
+    """The one mapping of the Service's refusals to the protocol's, for REST and gRPC alike.
+    The protocol knows fewer statuses than imgrec's JSON: every bad input (413, 415, 422...)
     is its 400; overload and not-ready stay 503, deadlines 504, a failed batch 500."""
     if 400 <= e.status < 500:
         return OipError(400, f"{e.code}: {e.message}")
@@ -82,16 +86,10 @@ class OutputTensor:
     binary: bool = False
 
 
-# -- metadata -----------------------------------------------------------------------------------
-def served_card(service: Service) -> ModelCard:
-    if service.predictor is None:
-        raise OipError(503, "the model is still loading", service.settings.retry_after_s)
-    return service.predictor.card
-
-
+# -- the Service's rules, in the protocol's terms -----------------------------------------------
 def check_model(service: Service, name: str, version: str | None) -> ModelCard:
     """The card when ``name`` (and ``version``, if given) is the served model; else 404."""
-    card = served_card(service)
+    card = service.card
     if name != card.name:
         raise OipError(404, f"unknown model '{name}'; this server serves '{card.name}'")
     if version and version != card.version:
@@ -100,11 +98,17 @@ def check_model(service: Service, name: str, version: str | None) -> ModelCard:
     return card
 
 
+def check_ready(service: Service) -> None:
+    """503 unless the Service is ready (loaded, warm, not draining)."""
+    if not service.ready:
+        raise OipError(503, f"not ready: {service.state.value}", service.settings.retry_after_s)
+
+
 def server_metadata() -> dict[str, object]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
-def model_metadata(service: Service, card: ModelCard) -> dict[str, object]:
+def model_metadata(card: ModelCard) -> dict[str, object]:
     spec = card.input
     return {
         "name": card.name, "versions": [card.version], "platform": SERVER_NAME,
@@ -159,20 +163,17 @@ def uint8_values(values: object) -> np.ndarray:
 
 
 # -- inference ---------------------------------------------------------------------------------
-def _batch_size(t: InputTensor, max_images: int) -> int:
+def _batch_size(t: InputTensor) -> int:
+    """The tensor's first dimension (the Service bounds it, as it bounds every protocol's)."""
     if not t.shape or any(not isinstance(d, int) or d < 0 for d in t.shape):
         raise bad(f"input '{t.name}': shape must be a list of non-negative integers")
-    n = t.shape[0]
-    if n < 1:
+    if t.shape[0] < 1:
         raise bad(f"input '{t.name}': at least one image")
-    if n > max_images:
-        raise bad(f"input '{t.name}': {n} images; at most {max_images} per request")
-    return n
+    return t.shape[0]
 
 
 async def _run_inputs(service: Service, inputs: Sequence[InputTensor],
                       namespace: str | None) -> list[ImageResult]:
-    assert service.predictor is not None
     names = [t.name for t in inputs]
     unknown = [n for n in names if n not in (IMAGE, PIXELS)]
     if unknown:
@@ -181,20 +182,26 @@ async def _run_inputs(service: Service, inputs: Sequence[InputTensor],
     if len(inputs) != 1:
         raise bad(f"send exactly one input, '{IMAGE}' or '{PIXELS}' (got {names})")
     t = inputs[0]
-    n = _batch_size(t, service.settings.max_files)
     if t.name == IMAGE:
-        if t.datatype != "BYTES":
-            raise bad(f"input '{IMAGE}' must be BYTES, got {t.datatype}")
-        if t.shape not in ([n], [n, 1]):
-            raise bad(f"input '{IMAGE}' must have shape [N] or [N, 1], got {t.shape}")
-        assert isinstance(t.value, list)
-        if len(t.value) != n:
-            raise bad(f"input '{IMAGE}': shape {t.shape} but {len(t.value)} elements")
-        try:
-            return await service.infer(t.value, namespace=namespace)
-        except ServiceError as e:
-            raise from_service_error(e) from None
-    want = [n, *service.predictor.image_shape]
+        return await service.infer(_image_files(t), namespace)
+    return await service.infer_pixels(_pixels(t, service.card), namespace)
+
+
+def _image_files(t: InputTensor) -> list[Upload]:
+    n = _batch_size(t)
+    if t.datatype != "BYTES":
+        raise bad(f"input '{IMAGE}' must be BYTES, got {t.datatype}")
+    if t.shape not in ([n], [n, 1]):
+        raise bad(f"input '{IMAGE}' must have shape [N] or [N, 1], got {t.shape}")
+    assert isinstance(t.value, list)
+    if len(t.value) != n:
+        raise bad(f"input '{IMAGE}': shape {t.shape} but {len(t.value)} elements")
+    return [Upload(data) for data in t.value]
+
+
+def _pixels(t: InputTensor, card: ModelCard) -> np.ndarray:
+    spec = card.input
+    want = [_batch_size(t), spec.channels, spec.size, spec.size]
     if t.datatype != "UINT8":
         raise bad(f"input '{PIXELS}' must be UINT8, got {t.datatype}")
     if t.shape != want:
@@ -204,10 +211,7 @@ async def _run_inputs(service: Service, inputs: Sequence[InputTensor],
     if t.value.size != int(np.prod(want)):
         raise bad(f"input '{PIXELS}': shape {t.shape} needs {int(np.prod(want))} values, got "
                   f"{t.value.size}")
-    try:
-        return await service.infer_pixels(t.value.reshape(want), namespace=namespace)
-    except ServiceError as e:
-        raise from_service_error(e) from None
+    return t.value.reshape(want)
 
 
 def check_outputs(card: ModelCard, requested: Sequence[RequestedOutput] | None,
@@ -245,7 +249,7 @@ async def infer(service: Service, inputs: Sequence[InputTensor],
                 outputs: Sequence[RequestedOutput] | None, namespace: str | None,
                 binary_default: bool = False) -> tuple[int, list[OutputTensor]]:
     """Run the request through the Service; (images answered, the output tensors)."""
-    card = served_card(service)
+    card = service.card
     wanted = check_outputs(card, outputs, binary_default)
     results = await _run_inputs(service, inputs, namespace)
     n = len(results)

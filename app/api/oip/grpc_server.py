@@ -36,12 +36,14 @@ from app.api.oip.core import (
     bad,
     bytes_elements,
     check_model,
+    from_service_error,
     infer,
     model_metadata,
     serialize_bytes,
     server_metadata,
     uint8_values,
 )
+from app.serving.errors import ServiceError
 from app.serving.service import Service
 
 log = logging.getLogger("imgrec.grpc")
@@ -58,8 +60,9 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Counts the call in imgrec's request metrics and turns an OipError into its gRPC status;
-    an unexpected failure answers INTERNAL and the server goes on."""
+    """Counts the call in imgrec's request metrics and turns a refusal (the Service's, through
+    the protocol's one mapping, or the protocol's own) into its gRPC status; an unexpected
+    failure answers INTERNAL and the server goes on."""
     route = f"gRPC {method.__name__}"
 
     @wraps(method)
@@ -68,7 +71,10 @@ def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            return await method(self, request, context)
+            try:
+                return await method(self, request, context)
+            except ServiceError as e:
+                raise from_service_error(e) from None
         except OipError as e:
             code = CODES.get(e.status, grpc.StatusCode.INTERNAL)
             await context.abort(code, e.message)
@@ -102,9 +108,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.service.metrics.rejections.labels("unauthorized").inc()
             raise OipError(401, e.message) from None
 
-    def _ready(self) -> bool:
-        return self.service.ready and not self.service.draining
-
     @_rpc
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -113,13 +116,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._ready())
+        return pb.ServerReadyResponse(ready=self.service.ready)
 
     @_rpc
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         check_model(self.service, request.name, request.version or None)
-        return pb.ModelReadyResponse(ready=self._ready())
+        return pb.ModelReadyResponse(ready=self.service.ready)
 
     @_rpc
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
@@ -130,7 +133,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         card = check_model(self.service, request.name, request.version or None)
-        meta: dict[str, Any] = model_metadata(self.service, card)
+        meta: dict[str, Any] = model_metadata(card)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],

@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.auth import KeyRing, Unauthorized
 from app.api.oip.core import (
     InputTensor,
     OipError,
@@ -33,12 +34,15 @@ from app.api.oip.core import (
     bad,
     bytes_elements,
     check_model,
+    check_ready,
+    from_service_error,
     infer,
     model_metadata,
     serialize_bytes,
     server_metadata,
     uint8_values,
 )
+from app.serving.errors import ServiceError
 from app.serving.service import Service
 
 log = logging.getLogger("imgrec.oip")
@@ -75,19 +79,31 @@ def _json(status: int, content: object, headers: list[tuple[bytes, bytes]] | Non
 def _error(e: OipError) -> Answer:
     headers = ([(b"retry-after", str(e.retry_after).encode())]
                if e.retry_after is not None else [])
+    if e.www_authenticate is not None:
+        headers.append((b"www-authenticate", e.www_authenticate.encode("latin-1")))
     return _json(e.status, {"error": e.message}, headers)
 
 
 class OipMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """Serves every path under /v2 itself (never passed on); with API keys, an inference needs
+    one (its health and metadata stay open), checked here so that the refusal is the
+    protocol's body, as gRPC's is its status."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing | None = None) -> None:
         self.app = app
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not handles(scope["path"]):
             await self.app(scope, receive, send)
             return
+        state = scope.setdefault("state", {})
+        state["route"] = route_template(scope["path"])  # the metrics middleware's label
         try:
+            state["namespace"] = self._namespace(scope)
             status, body, headers = await _dispatch(scope, receive)
+        except ServiceError as e:
+            status, body, headers = _error(from_service_error(e))
         except OipError as e:
             status, body, headers = _error(e)
         except Exception:
@@ -96,6 +112,19 @@ class OipMiddleware:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+    def _namespace(self, scope: Scope) -> str | None:
+        """The caller's store namespace from its API key (None without keys configured)."""
+        if self.keys is None or scope["method"] in ("GET", "HEAD"):
+            return None
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"]
+                              if k == b"authorization"), None)
+        try:
+            return self.keys.check(authorization)
+        except Unauthorized as e:
+            scope["app"].state.service.metrics.rejections.labels("unauthorized").inc()
+            raise OipError(401, e.message, www_authenticate=e.challenge) from None
 
 
 def _method(scope: Scope, allowed: str) -> None:
@@ -114,7 +143,7 @@ async def _dispatch(scope: Scope, receive: Receive) -> Answer:
         return _json(200, {"live": True})
     if parts == ["health", "ready"]:
         _method(scope, "GET")
-        _ready(service)
+        check_ready(service)
         return _json(200, {"ready": True})
     if parts[:1] != ["models"] or len(parts) < 2 or not parts[1]:
         raise OipError(404, f"no such route: {scope['path']}")
@@ -125,22 +154,16 @@ async def _dispatch(scope: Scope, receive: Receive) -> Answer:
         version, rest = rest[1], rest[2:]
     if rest == []:
         _method(scope, "GET")
-        return _json(200, model_metadata(service, check_model(service, name, version)))
+        return _json(200, model_metadata(check_model(service, name, version)))
     if rest == ["ready"]:
         _method(scope, "GET")
         card = check_model(service, name, version)
-        _ready(service)
+        check_ready(service)
         return _json(200, {"name": card.name, "ready": True})
     if rest == ["infer"]:
         _method(scope, "POST")
         return await _infer(scope, receive, service, name, version)
     raise OipError(404, f"no such route: {scope['path']}")
-
-
-def _ready(service: Service) -> None:
-    if not service.ready or service.draining:
-        state = "draining" if service.draining else "starting"
-        raise OipError(503, f"not ready: {state}", service.settings.retry_after_s)
 
 
 # -- infer ---------------------------------------------------------------------------------------
@@ -247,44 +270,44 @@ def _inputs(request: dict[str, Any], binary: memoryview) -> list[InputTensor]:
     out: list[InputTensor] = []
     offset = 0
     for item in raw_inputs:
-        if not isinstance(item, dict):
-            raise bad("each input must be an object")
-        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-        if not isinstance(name, str) or not isinstance(datatype, str):
-            raise bad("each input needs a 'name' and a 'datatype' (strings)")
-        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-            raise bad(f"input '{name}': 'shape' must be a list of integers")
-        params = _params(item, f"input '{name}'")
-        size = params.get("binary_data_size")
-        value: list[bytes] | np.ndarray
-        if size is not None:
-            if type(size) is not int or size < 0 or offset + size > len(binary):
-                raise bad(f"input '{name}': binary_data_size {size} does not fit the "
-                          f"{len(binary)}-byte binary section")
-            chunk = binary[offset:offset + size]
-            offset += size
-            if datatype == "BYTES":
-                value = bytes_elements(chunk)
-            elif datatype == "UINT8":
-                value = np.frombuffer(chunk, np.uint8)
-            else:
-                raise bad(f"input '{name}': datatype {datatype} is not one this model takes "
-                          "(BYTES or UINT8)")
-        elif "data" in item:
-            if datatype == "BYTES":
-                value = _json_bytes(item["data"], name, params.get("content_type") == "base64")
-            elif datatype == "UINT8":
-                value = uint8_values(item["data"])
-            else:
-                raise bad(f"input '{name}': datatype {datatype} is not one this model takes "
-                          "(BYTES or UINT8)")
-        else:
-            raise bad(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
-        out.append(InputTensor(name, datatype, shape, value))
+        tensor, used = _input(item, binary[offset:])
+        offset += used
+        out.append(tensor)
     if offset != len(binary):
         raise bad(f"the binary section has {len(binary)} bytes but the inputs' "
                   f"binary_data_size add up to {offset}")
     return out
+
+
+def _input(item: Any, binary: memoryview) -> tuple[InputTensor, int]:
+    """One input of the request, and the bytes of the binary section it took."""
+    if not isinstance(item, dict):
+        raise bad("each input must be an object")
+    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str):
+        raise bad("each input needs a 'name' and a 'datatype' (strings)")
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise bad(f"input '{name}': 'shape' must be a list of integers")
+    if datatype not in ("BYTES", "UINT8"):
+        raise bad(f"input '{name}': datatype {datatype} is not one this model takes "
+                  "(BYTES or UINT8)")
+    params = _params(item, f"input '{name}'")
+    size = params.get("binary_data_size")
+    value: list[bytes] | np.ndarray
+    if size is not None:
+        if type(size) is not int or size < 0 or size > len(binary):
+            raise bad(f"input '{name}': binary_data_size {size} does not fit the binary "
+                      "section")
+        chunk = binary[:size]
+        value = bytes_elements(chunk) if datatype == "BYTES" else np.frombuffer(chunk, np.uint8)
+        return InputTensor(name, datatype, shape, value), size
+    if "data" not in item:
+        raise bad(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+    if datatype == "BYTES":
+        value = _json_bytes(item["data"], name, params.get("content_type") == "base64")
+    else:
+        value = uint8_values(item["data"])
+    return InputTensor(name, datatype, shape, value), 0
 
 
 def _outputs(request: dict[str, Any]) -> tuple[list[RequestedOutput] | None, bool]:
@@ -341,12 +364,12 @@ def _encode(request: dict[str, Any], name: str, version: str,
 async def _infer(scope: Scope, receive: Receive, service: Service, name: str,
                  version: str | None) -> Answer:
     card = check_model(service, name, version)
+    service.check_accepting()  # before the body is read: a refusal costs no upload
     body = await _read_body(scope, receive, service.settings.max_upload_bytes)
     request, binary = _split(scope, body)
     inputs = _inputs(request, binary)
     outputs, binary_default = _outputs(request)
-    state = scope.get("state")
-    namespace = state.get("namespace") if isinstance(state, dict) else None
-    images, tensors = await infer(service, inputs, outputs, namespace, binary_default)
-    scope.setdefault("state", {})["images"] = images  # read by the metrics middleware
+    state = scope["state"]
+    images, tensors = await infer(service, inputs, outputs, state["namespace"], binary_default)
+    state["images"] = images  # read by the metrics middleware
     return _encode(request, card.name, card.version, tensors)
