@@ -15,9 +15,9 @@ import pytest
 from asgi_lifespan import LifespanManager
 from conftest import png_bytes
 from fastapi.testclient import TestClient
-from prometheus_client import generate_latest
 from helpers.apps import Gate, metric, running
 from PIL import Image
+from prometheus_client import generate_latest
 
 from app.main import create_app
 from app.model.card import InputSpec
@@ -413,7 +413,7 @@ async def test_fast_path_serves_predict_and_embed_without_the_router(
 
 
 def test_query_parameters_parse_as_the_routes_declare_them() -> None:
-    from app.api.query import K, TOP_K, BoolParam
+    from app.api.query import TOP_K, BoolParam, K
     from app.serving.errors import InvalidParameter
 
     flag = BoolParam("b", False, "")
