@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# beyond this (200 MP: the largest phone sensors' JPEGs are 16320 x 12240) an image is refused
+# from its header alone, whatever the format and however small it would decode
+MAX_IMAGE_HEADER_PIXELS = 210_000_000
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist"
 
 
@@ -47,8 +50,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, ge=1, description="pixels an image may decode "
                                   "to, checked before decoding")
     # decompression-bomb ceiling on the header's width x height, whatever the format
-    max_image_header_pixels: int = Field(210_000_000, ge=1, description="width x height in an "
-                                         "image's header, checked before decoding")
+    max_image_header_pixels: int = Field(MAX_IMAGE_HEADER_PIXELS, ge=1, description="width x "
+                                         "height in an image's header, checked before "
+                                         "decoding")
     # embedding store
     embed_store: str = Field("data/embeddings.sqlite3", description="SQLite file path, "
                              "redis://host:port/db, or 'memory'")

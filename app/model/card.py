@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_SCHEMA_VERSION = 1
 
+# how an image is brought to the input size (app.model.decode applies it): "stretch", the whole
+# image to size x size; "shorter-side-crop" (the ImageNet convention), the shorter side to size
+# and the centre square kept
+ResizeRule = Literal["stretch", "shorter-side-crop"]
+
 
 class InputSpec(BaseModel):
     """How an image becomes the network's input tensor (serving applies exactly this)."""
@@ -18,9 +23,7 @@ class InputSpec(BaseModel):
     channels: Literal[1, 3]
     mean: list[float]
     std: list[float]
-    # "stretch": the whole image is resized to size x size; "shorter-side-crop" (the ImageNet
-    # convention): the shorter side is scaled to size and the centre square kept (app.model.decode)
-    resize: Literal["stretch", "shorter-side-crop"] = "stretch"
+    resize: ResizeRule = "stretch"
     interpolation: Literal["bilinear"] = "bilinear"
 
     @model_validator(mode="after")

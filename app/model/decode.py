@@ -56,8 +56,6 @@ try:  # JPEG decoding straight from the bytes, scaled in the DCT domain (see pla
 except ImportError:  # pragma: no cover - simplejpeg is a declared dependency; Pillow is used
     HAVE_SIMPLEJPEG = False
 
-ResizeRule = Literal["stretch", "shorter-side-crop"]
-RESIZE_RULES: tuple[str, ...] = ("stretch", "shorter-side-crop")
 
 # the decode keeps at least this many times the input size on both sides before the resize
 DECODE_HEADROOM = 2

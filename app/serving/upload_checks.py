@@ -20,13 +20,11 @@ from __future__ import annotations
 from app.model.card import InputSpec
 from app.model.decode import HEIF_AVAILABLE, DecodeError, open_image, plan_decode, prepare_opened
 from app.serving.errors import ServiceError
+from app.settings import MAX_IMAGE_HEADER_PIXELS
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF"} | (
     {"HEIF"} if HEIF_AVAILABLE else set())
 
-# beyond this (200 MP: the largest phone sensors' JPEGs are 16320 x 12240) an image is refused
-# from its header alone, whatever the format and however small it would decode
-DEFAULT_MAX_HEADER_PIXELS = 210_000_000
 
 
 class ImageError(ServiceError):
@@ -51,7 +49,7 @@ def check_header(fmt: str, width: int, height: int, max_header_pixels: int) -> N
 
 
 def prepare(data: bytes, spec: InputSpec, max_pixels: int,
-            max_header_pixels: int = DEFAULT_MAX_HEADER_PIXELS) -> bytes:
+            max_header_pixels: int = MAX_IMAGE_HEADER_PIXELS) -> bytes:
     """Header checks, decode at the size needed, orientation, colour and the card's resize;
     returns the image's pixels as uint8 bytes in (channels, size, size) order. Normalisation is
     the engine's, once per batch.
