@@ -13,8 +13,11 @@ from fastapi.testclient import TestClient
 
 from app.cli import main
 from app.main import create_app
+from app.model.directory import read_card
 from app.serving.bulk_index import in_shard, list_images
-from app.settings import Settings
+from app.serving.predictor import Predictor
+from app.serving.store_key import model_key, store_key
+from app.settings import DEFAULT_MODEL_DIR, Settings
 
 
 def make_tree(root: Path) -> dict[str, bytes]:
@@ -81,3 +84,23 @@ def test_bad_shard_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["index", str(tmp_path), "--shard", "3/3"])
     assert e.value.code == 2
+
+
+def test_float32_keeps_its_key_and_int8_has_its_own() -> None:
+    card = read_card(DEFAULT_MODEL_DIR)
+    base = {"model_dir": DEFAULT_MODEL_DIR, "device": "cpu", "engine": "auto"}
+    keys = {p: Predictor.from_settings(Settings(**base, precision=p)).model_key
+            for p in ("float32", "int8")}
+    assert keys == {p: model_key(card, p) for p in keys}
+    # float32's is the weights sha256 as before, so existing stores stay readable
+    assert keys["float32"] == card.weights_sha256 != keys["int8"]
+    assert keys["int8"] == f"{card.weights_sha256}:int8:{card.graphs['int8'].sha256[:16]}"
+    assert store_key(model_key(card, "float32"), None) == card.weights_sha256
+    assert store_key(model_key(card, "float32"), "ns") == f"{card.weights_sha256}:ns"
+    # another quantisation of the same weights is another int8 graph, and another key
+    other = card.model_copy(update={"graphs": {**card.graphs, "int8": card.graphs["int8"]
+                                               .model_copy(update={"sha256": "0" * 64})}})
+    assert model_key(other, "int8") != model_key(card, "int8")
+    without = card.model_copy(update={"graphs": {"float32": card.graphs["float32"]}})
+    with pytest.raises(ValueError, match="no int8 graph"):
+        model_key(without, "int8")
