@@ -1,8 +1,10 @@
 """`imgrec index DIR`: a small ImageFolder tree into the store, resumable, sharded, Parquet;
-then a served /search finds what it indexed under the same ids and filenames."""
+then a served /search finds what it indexed under the same ids and filenames, and a server of
+the same precision reads the vectors it would have computed itself."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,41 @@ def test_bad_shard_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["index", str(tmp_path), "--shard", "3/3"])
     assert e.value.code == 2
+
+
+def test_an_int8_index_is_read_by_int8_servers_and_by_no_float32_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: the indexer built its predictor without the precision, so with
+    IMGREC_PRECISION=int8 it stored float32 vectors, under the one key (the weights sha256) an
+    int8 server also read, with vectors of its own graph."""
+    tree = tmp_path / "catalogue"
+    files = make_tree(tree)
+    store = str(tmp_path / "emb.sqlite3")
+    for name, value in {"IMGREC_EMBED_STORE": store, "IMGREC_DEVICE": "cpu",
+                        "IMGREC_MODEL_DIR": str(DEFAULT_MODEL_DIR),
+                        "IMGREC_PRECISION": "int8"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("IMGREC_ENGINE", raising=False)  # auto: ONNX Runtime, as int8 needs
+    assert main(["index", str(tree), "--no-progress"]) == 0
+    assert "indexed 8 images" in capsys.readouterr().err
+    ids = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+    base = {"model_dir": DEFAULT_MODEL_DIR, "device": "cpu", "engine": "auto",
+            "warmup_batches": 1, "embed_store": store}
+    int8 = Settings(**base, precision="int8")
+    with TestClient(create_app(int8)) as c:
+        r = c.get("/embed", params={"id": list(ids.values())})
+        assert r.status_code == 200, r.text
+        indexed = {x["id"]: x["embedding"] for x in r.json()["results"]}
+        # the vectors the int8 server computes itself for the same bytes
+        r = c.post("/embed", files=[("file", (rel, data)) for rel, data in files.items()])
+        for rel, result in zip(files, r.json()["results"], strict=True):
+            np.testing.assert_allclose(indexed[ids[rel]], result["embedding"], rtol=1e-5,
+                                       atol=1e-5, err_msg=rel)
+    with TestClient(create_app(Settings(**base, precision="float32"))) as c:
+        r = c.get("/embed", params={"id": list(ids.values())})
+        assert r.status_code == 404  # float32 vectors are stored apart: none were indexed
 
 
 def test_float32_keeps_its_key_and_int8_has_its_own() -> None:
