@@ -161,7 +161,7 @@ def run_index(root: Path, settings: Settings, shard: tuple[int, int] = (0, 1),
 @dataclass
 class Tally:
     done: int = 0  # embedded and stored now
-    skipped: int = 0  # already stored by an earlier run
+    skipped: int = 0  # already stored (by an earlier run, or a file with the same bytes)
     bad: int = 0  # refused by the upload checks
 
 
@@ -185,10 +185,12 @@ class Batches:
         blobs = [p.read_bytes() for p in paths]
         ids = [hashlib.sha256(b).hexdigest() for b in blobs]
         stored = self.store.get_many(self.key, ids)
-        todo = [(i, (p, b, n)) for p, i, b, n in zip(paths, ids, blobs, names, strict=True)
-                if i not in stored]
+        # one job per new id: the same bytes under two names are one image (the last name kept,
+        # as the service keeps the latest filename it was given)
+        todo = {i: (p, b, n) for p, i, b, n in zip(paths, ids, blobs, names, strict=True)
+                if i not in stored}
         prepared = []
-        for path, job in pool.map(self._prepare, todo):
+        for path, job in pool.map(self._prepare, todo.items()):
             if isinstance(job, ImageError):
                 self.tally.bad += 1
                 log.warning("%s: skipped: %s", path, job.message)

@@ -141,3 +141,23 @@ def test_float32_keeps_its_key_and_int8_has_its_own() -> None:
     without = card.model_copy(update={"graphs": {"float32": card.graphs["float32"]}})
     with pytest.raises(ValueError, match="no int8 graph"):
         model_key(without, "int8")
+
+
+def test_the_same_bytes_twice_in_one_batch_are_indexed_once(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: two files with the same bytes in one batch were sent to the store as one
+    id twice, which crashed the run (IndexError in the similarity index)."""
+    tree = tmp_path / "catalogue"
+    tree.mkdir()
+    for name, seed in (("a.png", 1), ("copy-of-a.png", 1), ("b.png", 2)):
+        (tree / name).write_bytes(png_bytes(seed))
+    monkeypatch.setenv("IMGREC_EMBED_STORE", str(tmp_path / "emb.sqlite3"))
+    monkeypatch.setenv("IMGREC_DEVICE", "cpu")
+    monkeypatch.setenv("IMGREC_ENGINE", "torch")
+    assert main(["index", str(tree), "--model-dir", str(tiny_model_dir), "--no-progress",
+                 "--parquet", str(tmp_path / "v.parquet")]) == 0
+    assert "indexed 2 images, 1 already stored, 0 unreadable, of 3" in capsys.readouterr().err
+    table = pq.read_table(tmp_path / "v.parquet").to_pydict()
+    assert table["filename"] == ["a.png", "b.png", "copy-of-a.png"]  # a row per file
+    assert table["id"][0] == table["id"][2] and table["vector"][0] == table["vector"][2]
