@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.serving.store.vector_index import clean_filename
+from app.serving.request_rules import clean_filename
 from app.serving.store_key import store_key
 from app.serving.upload_checks import ImageError, prepare
 
@@ -78,7 +78,11 @@ def index_main(argv: list[str]) -> int:
     settings = settings.model_copy(update={
         "model_dir": args.model_dir, "embed_store": args.store, "max_batch_size": args.batch_size,
         "device": args.device, "precision": args.precision})
-    summary = run_index(args.dir, settings, shard=args.shard, namespace=args.namespace,
+    if args.ray is not None:
+        from app.serving.ray_index.cli import ray_index_main
+
+        return ray_index_main(args, settings)
+    summary = run_index(Path(args.source), settings, shard=args.shard, namespace=args.namespace,
                         parquet=args.parquet, progress=not args.no_progress)
     print(summary, file=sys.stderr)
     return 0
@@ -86,19 +90,24 @@ def index_main(argv: list[str]) -> int:
 
 def _parser(settings: Settings) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imgrec index", description=(
-        "Embed every image under DIR into the embedding store (IMGREC_EMBED_STORE) with the "
-        "served model's preprocessing and ids; images already stored are skipped."))
-    ap.add_argument("dir", type=Path, help="a folder of images, or an ImageFolder tree")
+        "Embed every image SOURCE names into the embedding store (IMGREC_EMBED_STORE) with the "
+        "served model's preprocessing and ids; images already stored are skipped. On this "
+        "machine by default; with --ray as a Ray Data pipeline, on a local Ray or a cluster."))
+    ap.add_argument("source", metavar="SOURCE",
+                    help="a folder of images, or an ImageFolder tree; with --ray also a file "
+                         "listing paths, one a line, or a URI pyarrow reads (s3://, gs://, ...)")
     ap.add_argument("--model-dir", type=Path, default=settings.model_dir)
     ap.add_argument("--store", default=settings.embed_store,
                     help="embedding store (default IMGREC_EMBED_STORE)")
     ap.add_argument("--batch-size", type=int, default=settings.max_batch_size)
-    ap.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
-                    help="index only shard I of N (files split by a hash of their path)")
+    ap.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                    help="index only shard I of N (files split by a hash of their path); "
+                         "not with --ray, which splits the work itself")
     ap.add_argument("--namespace", default=None,
                     help="store under this API key namespace (as that key's requests do)")
     ap.add_argument("--parquet", type=Path, default=None, metavar="OUT",
-                    help="also write (id, filename, vector) rows to this Parquet file "
+                    help="also write a row per stored file to this Parquet file: (id, "
+                         "filename, vector), with --ray (id, filename, label, score, vector) "
                          "(needs pyarrow: pip install 'imgrec[parquet]')")
     ap.add_argument("--device", default=settings.device)
     ap.add_argument("--precision", choices=["float32", "int8"], default=settings.precision,
@@ -106,19 +115,46 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
                          "precision of the servers that will read them, since int8 and "
                          "float32 vectors are stored apart")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = ap.add_argument_group("Ray Data (pip install 'imgrec[ray]')")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run as a Ray Data pipeline: without ADDRESS on a Ray of its own on "
+                          "this machine; 'auto' (RAY_ADDRESS, or the cluster `ray start` "
+                          "started here), ray://HOST:10001 or HOST:6379 join a running cluster "
+                          "(put SOURCE before --ray)")
+    ray.add_argument("--num-cpus", type=int, default=None,
+                     help="CPUs of the local Ray (default: all of this machine's)")
+    ray.add_argument("--num-gpus", type=int, default=None,
+                     help="GPUs of the local Ray (default: all of this machine's)")
+    ray.add_argument("--report", type=Path, default=None, metavar="FILE",
+                     help="write every unreadable file with its reason to FILE (JSON lines)")
     return ap
 
 
 def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
-    if not args.dir.is_dir():
-        ap.error(f"{args.dir}: not a directory")
+    if args.ray is None:
+        _check_single_machine(ap, args)
+    else:
+        from app.serving.ray_index.cli import check_ray_args
+
+        check_ray_args(ap, args)
     if args.parquet is not None:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             ap.error("--parquet needs pyarrow: pip install 'imgrec[parquet]'")
+
+
+def _check_single_machine(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [f for f, v in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
+                            ("--report", args.report)) if v is not None]
+    if given:
+        ap.error(f"{', '.join(given)}: only with --ray")
+    if not Path(args.source).is_dir():
+        ap.error(f"{args.source}: not a directory (a listing or a URI needs --ray)")
+    if args.shard is None:
+        args.shard = (0, 1)
 
 
 def run_index(root: Path, settings: Settings, shard: tuple[int, int] = (0, 1),
