@@ -180,6 +180,7 @@ class Embedder:
     same device, engine and precision) and embeds a batch's new files with one forward pass."""
 
     def __init__(self, settings: Settings, shipped: list[Any], model_key: str) -> None:
+        self.batch_size = settings.max_batch_size
         import ray
 
         from app.model.directory import read_card
@@ -195,7 +196,7 @@ class Embedder:
         self.labels = read_card(card_dir).labels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed(batch, self.predictor.forward, self.labels)
+        return embed(batch, self.predictor.forward, self.labels, self.batch_size)
 
 
 def read_card_bytes(card_json: bytes) -> str:
@@ -206,8 +207,9 @@ def read_card_bytes(card_json: bytes) -> str:
 
 
 def embed(batch: pa.Table, forward: Callable[[Sequence[bytes]], list[Any]],
-          labels: Sequence[str]) -> pa.Table:
-    """The new rows' vectors, top label and its probability; other rows pass through."""
+          labels: Sequence[str], batch_size: int = 32) -> pa.Table:
+    """The new rows' vectors, top label and its probability, in forward passes of
+    ``batch_size`` images (IMGREC_MAX_BATCH_SIZE); other rows pass through."""
     import pyarrow as pa
 
     status = batch.column("status").to_pylist()
@@ -216,9 +218,9 @@ def embed(batch: pa.Table, forward: Callable[[Sequence[bytes]], list[Any]],
     vectors = batch.column("vector").to_pylist()
     label: list[str | None] = [None] * batch.num_rows
     score: list[float | None] = [None] * batch.num_rows
-    if new:
-        predictions = forward([pixels[i].as_py() for i in new])
-        for i, p in zip(new, predictions, strict=True):
+    for start in range(0, len(new), batch_size):
+        chunk = new[start:start + batch_size]
+        for i, p in zip(chunk, forward([pixels[i].as_py() for i in chunk]), strict=True):
             top = int(np.argmax(p.probs))
             vectors[i] = np.ascontiguousarray(p.embedding, "<f4").tobytes()
             label[i], score[i] = labels[top], float(p.probs[top])
