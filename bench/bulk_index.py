@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TICK = os.sysconf("SC_CLK_TCK")
+ROWS = 256  # app.serving.ray_index.pipeline.ROWS_PER_BATCH
 
 
 def make_images(folder: Path, n: int) -> Path:
@@ -66,8 +67,10 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def stage_costs(folder: Path, batch: int, n: int = 2000) -> dict[str, float]:
-    """CPU ms per image of each step, in this process, one thread."""
+def stage_costs(folder: Path, batch: int, redis_url: str | None, n: int = 2000
+                ) -> dict[str, float]:
+    """CPU ms per image of each step, in this process, one thread; the store writes in the
+    pipeline's batches (ROWS_PER_BATCH)."""
     import hashlib
 
     from app.serving.bulk_index import list_images
@@ -101,15 +104,28 @@ def stage_costs(folder: Path, batch: int, n: int = 2000) -> dict[str, float]:
         store = SQLiteStore(Path(tmp) / "s.sqlite3", 200_000)
         wall = time.perf_counter()
         t = cpu()
-        for i in range(0, len(ids), batch):
-            store.put_many("m", list(zip(ids[i:i + batch], vectors[i:i + batch], strict=True)),
-                           [str(p) for p in paths[i:i + batch]])
+        for i in range(0, len(ids), ROWS):
+            store.put_many("m", list(zip(ids[i:i + ROWS], vectors[i:i + ROWS], strict=True)),
+                           [str(p) for p in paths[i:i + ROWS]])
         write, write_wall = cpu() - t, time.perf_counter() - wall
         store.close()
-    return {"read+sha256": 1e3 * read / n, "prepare": 1e3 * decode / n,
-            f"forward (batch {batch})": 1e3 * forward / n,
-            f"SQLite put_many (batch {batch})": 1e3 * write / n,
-            "SQLite put_many wall": 1e3 * write_wall / n}
+    figures = {"read+sha256": 1e3 * read / n, "prepare": 1e3 * decode / n,
+               f"forward (batch {batch})": 1e3 * forward / n,
+               f"SQLite put_many (batch {ROWS})": 1e3 * write / n,
+               "SQLite put_many wall": 1e3 * write_wall / n}
+    if redis_url:
+        from app.serving.store.redis_store import RedisStore
+
+        redis = RedisStore(redis_url, 200_000, prefix="bench-index")
+        wall = time.perf_counter()
+        t = cpu()
+        for i in range(0, len(ids), ROWS):
+            redis.put_many("m", list(zip(ids[i:i + ROWS], vectors[i:i + ROWS], strict=True)),
+                           [str(p) for p in paths[i:i + ROWS]])
+        figures[f"Redis put_many (batch {ROWS}), client CPU"] = 1e3 * (cpu() - t) / n
+        figures["Redis put_many wall"] = 1e3 * (time.perf_counter() - wall) / n
+        redis.close()
+    return figures
 
 
 def single(folder: Path, batch: int) -> dict[str, float]:
@@ -195,6 +211,8 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="the local Ray's")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--redis", default=None, metavar="URL",
+                    help="also time the Redis store's writes (a server with the search module)")
     args = ap.parse_args()
     import logging
 
@@ -203,8 +221,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     folder = make_images(args.dir / str(args.images), args.images)
     print(uptime(), flush=True)
-    print(json.dumps({"stage_cpu_ms_per_image": {k: round(v, 4) for k, v in
-                                                 stage_costs(folder, args.batch_size).items()}}))
+    costs = stage_costs(folder, args.batch_size, args.redis)
+    print(json.dumps({"stage_cpu_ms_per_image": {k: round(v, 4) for k, v in costs.items()}}))
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
              logging_level=logging.WARNING)
     try:

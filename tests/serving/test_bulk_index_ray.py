@@ -207,6 +207,18 @@ def test_a_listing_or_uri_needs_ray(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "needs --ray" in capsys.readouterr().err
 
 
+def test_an_empty_catalogue_starts_no_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    index_env(monkeypatch, str(tmp_path / "emb.sqlite3"))
+    (tmp_path / "empty").mkdir()
+    assert main(["index", str(tmp_path / "empty"), "--ray", "--no-progress"]) == 0
+    figures = json_line(capsys.readouterr().out)
+    assert (figures["files"], figures["stored"], figures["images_per_s"]) == (0, 0, 0.0)
+    assert not ray.is_initialized()
+
+
 # -- slow: real Ray ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,8 @@ def run_ray_index(source: str, settings: Settings, options: RayOptions,
                     settings.embed_store_max_items)
     log.info("%s: %d files (%s) into %s under %s…", source, len(listing), listing.what,
              settings.embed_store, key[:12])
+    if not listing:
+        return Tally(key)
     started_here = connect(options)
     try:
         return _run(listing, settings, options, model_dir, card, key, parquet, report)
@@ -218,8 +220,10 @@ def build(listing: Listing, settings: Settings, options: RayOptions, model_dir: 
     return data.map_batches(
         stages.Embedder, batch_size=max(ROWS_PER_BATCH, settings.max_batch_size),
         batch_format="pyarrow",
-        fn_constructor_kwargs={"settings": settings, "model_key": model_key(card,
-                                                                           settings.precision),
+        # CPU actors run on the CPU even on a GPU node (the int8 graph, device=cpu, no GPU left)
+        fn_constructor_kwargs={"settings": settings if p.on_gpu
+                               else settings.model_copy(update={"device": "cpu"}),
+                               "model_key": model_key(card, settings.precision),
                                "shipped": [ray.put(stages.model_files(model_dir))]},
         compute=ray.data.ActorPoolStrategy(size=p.actors),
         num_cpus=p.cpus_per_actor, num_gpus=p.gpus_per_actor)
