@@ -193,7 +193,7 @@ def test_open_store_picks_backend(tmp_path: Path, request: pytest.FixtureRequest
 
 
 def test_redis_unreachable_fails_at_open() -> None:
-    from daemons import free_port
+    from helpers.daemons import free_port
 
     with pytest.raises(redis.ConnectionError):
         RedisStore(f"redis://127.0.0.1:{free_port()}/0", 5, timeout_s=1.0)
