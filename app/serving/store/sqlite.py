@@ -1,0 +1,128 @@
+"""The embedded default store: a bounded table in one SQLite file, with its similarity index
+rebuilt from the table when it opens."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from app.serving.store.base import from_blob, names_for, to_blob
+from app.serving.store.vector_index import Neighbor, VectorIndex
+
+
+class SQLiteStore:
+    """A bounded table in one SQLite file (WAL): survives restarts, oldest entries evicted."""
+
+    def __init__(self, path: str | Path, max_items: int, timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_items = max_items
+        self._lock = threading.Lock()
+        # timeout_s: how long a write waits for another process's lock before it fails
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                   timeout=timeout_s)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS embeddings ("
+            " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " model TEXT NOT NULL, id TEXT NOT NULL, vector BLOB NOT NULL,"
+            " UNIQUE (model, id))"
+        )
+        # one row rewritten by ping(): a committed write, the only true test of a full disk
+        self._db.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
+        # Files from before filenames were kept gain the column (NULL for their rows).
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(embeddings)")}
+        if "filename" not in columns:
+            self._db.execute("ALTER TABLE embeddings ADD COLUMN filename TEXT")
+        # The similarity index is rebuilt from the table: it can never disagree with it.
+        self._index = VectorIndex()
+        self._load_index()
+
+    def _load_index(self, chunk: int = 20_000) -> None:
+        last = -1
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, model, id, vector, filename FROM embeddings WHERE seq > ?"
+                " ORDER BY seq LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return
+            by_model: dict[str, list[tuple[str, bytes, str | None]]] = {}
+            for _, model, image_id, blob, name in rows:
+                by_model.setdefault(model, []).append((image_id, blob, name))
+            for model, entries in by_model.items():
+                dim = len(entries[0][1]) // 4
+                same = [e for e in entries if len(e[1]) == 4 * dim]
+                vectors = np.frombuffer(b"".join(e[1] for e in same), dtype="<f4")
+                self._index.add(model, [e[0] for e in same], vectors.reshape(len(same), dim),
+                                [e[2] for e in same])
+            last = rows[-1][0]
+
+    def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
+                 filenames: Sequence[str | None] | None = None) -> None:
+        if not items:
+            return
+        names = names_for(items, filenames)
+        rows = [(model, image_id, to_blob(vec), name, model, image_id)
+                for (image_id, vec), name in zip(items, names, strict=True)]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh
+                # again; without a new filename it keeps the old one (VALUES run first)
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO embeddings (model, id, vector, filename) VALUES"
+                    " (?, ?, ?, COALESCE(?, (SELECT filename FROM embeddings"
+                    " WHERE model = ? AND id = ?)))", rows)
+                evicted = self._db.execute(
+                    "DELETE FROM embeddings WHERE seq <= (SELECT MAX(seq) FROM embeddings) - ?"
+                    " RETURNING model, id", (self.max_items,)).fetchall()
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite has already rolled back after some errors (SQLITE_FULL, for one)
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._index.add(model, [i for i, _ in items], [v for _, v in items], names)
+            self._index.remove(evicted)
+
+    def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, vector FROM embeddings WHERE model = ? AND id IN ({marks})",
+                (model, *ids)).fetchall()
+        return {image_id: from_blob(blob) for image_id, blob in rows}
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+
+    def ping(self) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
+
+    def search(self, model: str, query: np.ndarray, k: int,
+               exclude: str | None = None) -> list[Neighbor]:
+        return self._index.search(model, query, k, exclude)
+
+    def filenames(self, model: str, ids: Sequence[str]) -> dict[str, str | None]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, filename FROM embeddings WHERE model = ? AND id IN ({marks})",
+                (model, *ids)).fetchall()
+        return dict(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
