@@ -7,6 +7,7 @@ and are kept as little-endian float32 bytes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -19,7 +20,9 @@ class EmbeddingStore(Protocol):
                  filenames: Sequence[str | None] | None = None) -> None:
         """Store vectors under (model, id); a repeated id replaces and refreshes its entry.
         ``filenames`` (one per item, None = none given) are kept beside the vectors; a re-put
-        without a filename keeps the one stored before."""
+        without a filename keeps the one stored before. One call is its items one after the
+        other, the bound applied at its end: an id given twice is stored once, with its last
+        vector and the last filename given for it (``unique_items``)."""
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """The vectors found for these ids (unknown ids are simply absent)."""
@@ -47,6 +50,32 @@ def to_blob(vector: np.ndarray) -> bytes:
 
 def from_blob(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One put_many call's items, each id once."""
+
+    ids: list[str]
+    vectors: list[np.ndarray]  # 1-d, all of one length
+    names: list[str | None]  # None: none given (a stored one is kept)
+
+
+def unique_items(items: Sequence[tuple[str, np.ndarray]],
+                 filenames: Sequence[str | None] | None) -> Batch:
+    """The items with each id once, as the same items put one at a time would leave them: its
+    last vector, the last filename given for it, in the order of their last occurrence (so the
+    last is the youngest). Raises ValueError for filenames that do not match the items, or
+    vectors that are not 1-d of one length: refused before any store is written."""
+    merged: dict[str, tuple[np.ndarray, str | None]] = {}
+    for (image_id, vector), name in zip(items, names_for(items, filenames), strict=True):
+        before = merged.pop(image_id, None)
+        merged[image_id] = (vector, name if name is not None or before is None else before[1])
+    vectors = [np.asarray(v) for v, _ in merged.values()]
+    if any(v.ndim != 1 or v.shape != vectors[0].shape or not v.size for v in vectors):
+        raise ValueError("vectors of one put must be 1-d, of one length, and not empty: got "
+                         f"shapes {sorted({v.shape for v in vectors})}")
+    return Batch(list(merged), vectors, [name for _, name in merged.values()])
 
 
 def names_for(items: Sequence[object],

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app.serving.store.base import from_blob, names_for, to_blob
+from app.serving.store.base import from_blob, to_blob, unique_items
 from app.serving.store.vector_index import Neighbor, VectorIndex
 
 
@@ -25,21 +25,23 @@ class MemoryStore:
 
     def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
                  filenames: Sequence[str | None] | None = None) -> None:
-        names = names_for(items, filenames)
+        batch = unique_items(items, filenames)
+        blobs = [to_blob(v) for v in batch.vectors]
         with self._lock:
-            for (image_id, vec), name in zip(items, names, strict=True):
+            # checked first: a refusal leaves the dict and the index as they were
+            addition = self._index.prepare(model, batch.ids, batch.vectors, batch.names)
+            for image_id, blob, name in zip(batch.ids, blobs, batch.names, strict=True):
                 key = (model, image_id)
                 self._data.pop(key, None)
-                self._data[key] = to_blob(vec)
+                self._data[key] = blob
                 if name is not None:
                     self._names[key] = name
-            self._index.add(model, [i for i, _ in items], [v for _, v in items], names)
             evicted = []
             while len(self._data) > self.max_items:
                 key, _ = self._data.popitem(last=False)
                 self._names.pop(key, None)
                 evicted.append(key)
-            self._index.remove(evicted)
+            self._index.apply(addition, evicted)
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self._lock:

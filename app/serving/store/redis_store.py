@@ -27,6 +27,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from app.serving.store.base import to_blob, unique_items
 from app.serving.store.redis_search import RedisSearch
 from app.serving.store.vector_index import Neighbor
 
@@ -123,17 +124,16 @@ class RedisStore:
 
     def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
                  filenames: Sequence[str | None] | None = None) -> None:
-        if not items:
+        # each id once: the script would store a repeated one correctly too (its ZADD moves
+        # the member, ZCARD counts it once), but the stores agree on one rule, checked here
+        batch = unique_items(items, filenames)
+        if not batch.ids:
             return
-        names = filenames if filenames is not None else [None] * len(items)
-        if len(names) != len(items):
-            raise ValueError(f"{len(names)} filenames for {len(items)} vectors")
         args: list[bytes | int] = [self.max_items, self._doc]
-        for (image_id, vec), name in zip(items, names, strict=True):
-            args += [_member(model, image_id),
-                     np.ascontiguousarray(vec, dtype="<f4").tobytes(), (name or "").encode()]
+        for image_id, vec, name in zip(batch.ids, batch.vectors, batch.names, strict=True):
+            args += [_member(model, image_id), to_blob(vec), (name or "").encode()]
         if self._search.available:  # before the write: the index sees it as it lands
-            self._search.ensure_index(_member_prefix(model), len(items[0][1]))
+            self._search.ensure_index(_member_prefix(model), len(batch.vectors[0]))
         self._put(keys=self._keys, args=args)
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@ rebuilt from the table when it opens."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app.serving.store.base import from_blob, names_for, to_blob
+from app.serving.store.base import from_blob, to_blob, unique_items
 from app.serving.store.vector_index import Neighbor, VectorIndex
+
+log = logging.getLogger("imgrec.store")
 
 
 class SQLiteStore:
@@ -45,32 +48,41 @@ class SQLiteStore:
         self._load_index()
 
     def _load_index(self, chunk: int = 20_000) -> None:
-        last = -1
+        last, skipped = -1, 0
         while True:
             rows = self._db.execute(
                 "SELECT seq, model, id, vector, filename FROM embeddings WHERE seq > ?"
                 " ORDER BY seq LIMIT ?", (last, chunk)).fetchall()
             if not rows:
-                return
+                break
             by_model: dict[str, list[tuple[str, bytes, str | None]]] = {}
             for _, model, image_id, blob, name in rows:
                 by_model.setdefault(model, []).append((image_id, blob, name))
             for model, entries in by_model.items():
-                dim = len(entries[0][1]) // 4
-                same = [e for e in entries if len(e[1]) == 4 * dim]
+                # one length per store key (the first one read), as put_many allows
+                dim = self._index.dim(model) or len(entries[0][1]) // 4
+                same = [e for e in entries if len(e[1]) == 4 * dim and dim]
+                skipped += len(entries) - len(same)
                 vectors = np.frombuffer(b"".join(e[1] for e in same), dtype="<f4")
                 self._index.add(model, [e[0] for e in same], vectors.reshape(len(same), dim),
                                 [e[2] for e in same])
             last = rows[-1][0]
+        if skipped:  # only a file written by something else than this class holds such rows
+            log.warning("%s: %d vectors of another length than their store key's are not "
+                        "searchable", self.path, skipped)
 
     def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
                  filenames: Sequence[str | None] | None = None) -> None:
-        if not items:
+        batch = unique_items(items, filenames)
+        if not batch.ids:
             return
-        names = names_for(items, filenames)
         rows = [(model, image_id, to_blob(vec), name, model, image_id)
-                for (image_id, vec), name in zip(items, names, strict=True)]
+                for image_id, vec, name in zip(batch.ids, batch.vectors, batch.names,
+                                               strict=True)]
         with self._lock:
+            # checked before the transaction: a refusal leaves the table and the index as they
+            # were, and the index, updated only once the transaction has committed, cannot fail
+            addition = self._index.prepare(model, batch.ids, batch.vectors, batch.names)
             self._db.execute("BEGIN")
             try:
                 # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh
@@ -88,8 +100,7 @@ class SQLiteStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            self._index.add(model, [i for i, _ in items], [v for _, v in items], names)
-            self._index.remove(evicted)
+            self._index.apply(addition, evicted)
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not ids:
