@@ -237,6 +237,22 @@ def test_an_id_twice_in_one_put_takes_one_place_in_the_bound(make_store: StoreFa
         assert searchable(store, MODEL) == ["a", "c"]
 
 
+def test_reputs_do_not_shrink_the_bound(make_store: StoreFactory) -> None:
+    """A re-put refreshes its entry and evicts nothing: the store still holds max_items ids.
+    (SQLite evicted by "seq <= MAX(seq) - max_items", and each re-put leaves a hole in seq.)"""
+    store = make_store(3)
+    for image_id in "abc":
+        store.put_many(MODEL, [(image_id, vec(ord(image_id)))])
+    for _ in range(3):
+        store.put_many(MODEL, [("c", vec(ord("c")))])
+    assert store.count() == 3
+    assert sorted(store.get_many(MODEL, list("abc"))) == ["a", "b", "c"]
+    store.put_many(MODEL, [("d", vec(ord("d")))])  # the oldest goes: a
+    assert sorted(store.get_many(MODEL, list("abcd"))) == ["b", "c", "d"]
+    if make_store.kind != "redis":
+        assert searchable(store, MODEL) == ["b", "c", "d"]
+
+
 @pytest.mark.parametrize("make_store", ["memory", "sqlite", "redis"], indirect=True)
 def test_a_refused_put_changes_nothing(make_store: StoreFactory) -> None:
     """Vectors the index could not take are refused before anything is written."""
@@ -272,5 +288,22 @@ def test_sqlite_failed_write_leaves_the_index_as_it_was(tmp_path: Path) -> None:
         assert searchable(store, OTHER_MODEL, dim=4096) == []
         store.put_many(MODEL, [("b", vec(2))])
         assert searchable(store, MODEL) == ["a", "b"]
+    finally:
+        store.close()
+
+
+def test_sqlite_bound_holds_across_reopen_and_a_lower_max_items(tmp_path: Path) -> None:
+    path = tmp_path / "emb.sqlite3"
+    store = SQLiteStore(path, 5)
+    for image_id in "abcde":
+        store.put_many(MODEL, [(image_id, vec(ord(image_id)))])
+    store.put_many(MODEL, [("e", vec(ord("e")))])
+    store.close()
+    store = SQLiteStore(path, 3)  # restarted with a lower bound: the next write enforces it
+    try:
+        store.put_many(MODEL, [("f", vec(ord("f")))])
+        assert store.count() == 3
+        assert sorted(store.get_many(MODEL, list("abcdef"))) == ["d", "e", "f"]
+        assert searchable(store, MODEL) == ["d", "e", "f"]
     finally:
         store.close()

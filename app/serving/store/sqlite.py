@@ -7,7 +7,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from app.serving.store.base import from_blob, to_blob, unique_items
 from app.serving.store.vector_index import Neighbor, VectorIndex
 
 log = logging.getLogger("imgrec.store")
+_CHUNK = 500  # ids per IN (...) list: far below SQLite's limit on bound parameters
 
 
 class SQLiteStore:
@@ -43,6 +45,13 @@ class SQLiteStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(embeddings)")}
         if "filename" not in columns:
             self._db.execute("ALTER TABLE embeddings ADD COLUMN filename TEXT")
+        # The row count the bound is checked against (_write); counted again at every open,
+        # so a file from before it, or one changed by hand, starts out right.
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY,"
+                         " value INTEGER NOT NULL)")
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta (name, value)"
+                             " VALUES ('rows', (SELECT COUNT(*) FROM embeddings))")
         # The similarity index is rebuilt from the table: it can never disagree with it.
         self._index = VectorIndex()
         self._load_index()
@@ -83,24 +92,56 @@ class SQLiteStore:
             # checked before the transaction: a refusal leaves the table and the index as they
             # were, and the index, updated only once the transaction has committed, cannot fail
             addition = self._index.prepare(model, batch.ids, batch.vectors, batch.names)
-            self._db.execute("BEGIN")
-            try:
-                # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh
-                # again; without a new filename it keeps the old one (VALUES run first)
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO embeddings (model, id, vector, filename) VALUES"
-                    " (?, ?, ?, COALESCE(?, (SELECT filename FROM embeddings"
-                    " WHERE model = ? AND id = ?)))", rows)
-                evicted = self._db.execute(
-                    "DELETE FROM embeddings WHERE seq <= (SELECT MAX(seq) FROM embeddings) - ?"
-                    " RETURNING model, id", (self.max_items,)).fetchall()
-                self._db.execute("COMMIT")
-            except BaseException:
-                # SQLite has already rolled back after some errors (SQLITE_FULL, for one)
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+            with self._transaction():
+                evicted = self._write(model, batch.ids, rows)
             self._index.apply(addition, evicted)
+
+    def _write(self, model: str, ids: list[str], rows: Sequence[tuple[object, ...]]
+               ) -> list[tuple[str, str]]:
+        """Inside the write transaction: the rows in, then the oldest rows out beyond the
+        bound; returns the evicted (model, id) pairs."""
+        known = 0
+        for n in range(0, len(ids), _CHUNK):
+            part = ids[n:n + _CHUNK]
+            known += self._db.execute(
+                "SELECT COUNT(*) FROM embeddings WHERE model = ? AND id IN"
+                f" ({','.join('?' * len(part))})", (model, *part)).fetchone()[0]
+        # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh again;
+        # without a new filename it keeps the old one (VALUES run first)
+        self._db.executemany(
+            "INSERT OR REPLACE INTO embeddings (model, id, vector, filename) VALUES"
+            " (?, ?, ?, COALESCE(?, (SELECT filename FROM embeddings"
+            " WHERE model = ? AND id = ?)))", rows)
+        # The bound counts rows, not seq numbers: a re-put leaves a hole in the seq range, so
+        # "seq <= MAX(seq) - max_items" would evict while the table is not full. COUNT(*) is a
+        # scan of the whole (model, id) index, so the count is kept in the file itself (meta),
+        # written by the same transaction as the rows.
+        held = self._held() + len(ids) - known
+        evicted: list[tuple[str, str]] = []
+        if held > self.max_items:
+            evicted = self._db.execute(
+                "DELETE FROM embeddings WHERE seq IN (SELECT seq FROM embeddings ORDER BY seq"
+                " LIMIT ?) RETURNING model, id", (held - self.max_items,)).fetchall()
+        self._db.execute("UPDATE meta SET value = ? WHERE name = 'rows'",
+                         (held - len(evicted),))
+        return evicted
+
+    def _held(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE name = 'rows'").fetchone()[0])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction. IMMEDIATE: the write lock is taken first, so that what it
+        reads (the row count) is not changed by another process before it writes."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            # SQLite has already rolled back after some errors (SQLITE_FULL, for one)
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not ids:
