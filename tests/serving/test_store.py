@@ -16,6 +16,7 @@ import redis
 from helpers.daemons import Daemon, start_redis
 
 from app.serving.store import EmbeddingStore, MemoryStore, SQLiteStore, open_store
+from app.serving.store.base import StoreFailure
 from app.serving.store.redis_store import RedisStore
 
 MODEL = "a" * 64
@@ -195,8 +196,9 @@ def test_open_store_picks_backend(tmp_path: Path, request: pytest.FixtureRequest
 def test_redis_unreachable_fails_at_open() -> None:
     from helpers.daemons import free_port
 
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(StoreFailure, match="ConnectionError") as failed:
         RedisStore(f"redis://127.0.0.1:{free_port()}/0", 5, timeout_s=1.0)
+    assert isinstance(failed.value.__cause__, redis.ConnectionError)
 
 
 # -- one call, several items under one id (issue 20: IndexError in the index, store and index
@@ -280,7 +282,7 @@ def test_sqlite_failed_write_leaves_the_index_as_it_was(tmp_path: Path) -> None:
         store.put_many(MODEL, [("a", vec(1))])
         pages = store._db.execute("PRAGMA page_count").fetchone()[0]
         store._db.execute(f"PRAGMA max_page_count = {pages}")
-        with pytest.raises(Exception, match="full"):
+        with pytest.raises(StoreFailure, match="full"):
             store.put_many(OTHER_MODEL, [(f"big{i}", vec(i, dim=4096)) for i in range(8)])
         store._db.execute("PRAGMA max_page_count = 1073741823")
         assert store.count() == 1

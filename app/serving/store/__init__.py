@@ -8,11 +8,11 @@ vector_index.py.
 
 from __future__ import annotations
 
-from app.serving.store.base import EmbeddingStore
+from app.serving.store.base import EmbeddingStore, StoreFailure
 from app.serving.store.memory import MemoryStore
 from app.serving.store.sqlite import SQLiteStore
 
-__all__ = ["EmbeddingStore", "MemoryStore", "SQLiteStore", "open_store"]
+__all__ = ["EmbeddingStore", "MemoryStore", "SQLiteStore", "StoreFailure", "open_store"]
 
 
 def open_store(url: str, max_items: int, timeout_s: float = 5.0) -> EmbeddingStore:

@@ -1,18 +1,42 @@
-"""What every embedding store is: the interface the service calls, and the vector encoding.
+"""What every embedding store is: the interface the service calls, its one failure, and the
+vector encoding.
 
 A small blocking interface, called from worker threads. Vectors travel as float32 numpy arrays
-and are kept as little-endian float32 bytes.
+and are kept as little-endian float32 bytes. A store raises StoreFailure, and only that, for
+its own failures: unreachable, timed out, locked, disk full, read-only. The guard (guard.py)
+takes those for an outage; anything else a store raises is a bug in our code, which fails the
+call that hit it and nothing more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from app.serving.store.vector_index import Neighbor
+
+
+class StoreFailure(Exception):
+    """The store itself failed (connection, timeout, lock, disk, read-only): an outage. The
+    driver's exception is its ``__cause__``."""
+
+
+@contextmanager
+def store_failures(is_failure: Callable[[Exception], bool]) -> Iterator[None]:
+    """Raise the driver exceptions ``is_failure`` accepts as StoreFailure; let every other
+    exception (a bug, a refused argument) through as it is."""
+    try:
+        yield
+    except StoreFailure:
+        raise
+    except Exception as e:
+        if is_failure(e):
+            raise StoreFailure(f"{type(e).__name__}: {e}") from e
+        raise
 
 
 class EmbeddingStore(Protocol):
@@ -31,7 +55,8 @@ class EmbeddingStore(Protocol):
         """Number of vectors held (all models)."""
 
     def ping(self) -> None:
-        """Raise unless the store can take a write now (the outage probe, guard.py)."""
+        """Raise StoreFailure unless the store can take a write now (the outage probe,
+        guard.py)."""
 
     def search(self, model: str, query: np.ndarray, k: int,
                exclude: str | None = None) -> list[Neighbor]:

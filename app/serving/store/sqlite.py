@@ -13,24 +13,57 @@ from pathlib import Path
 
 import numpy as np
 
-from app.serving.store.base import from_blob, to_blob, unique_items
+from app.serving.store.base import from_blob, store_failures, to_blob, unique_items
 from app.serving.store.vector_index import Neighbor, VectorIndex
 
 log = logging.getLogger("imgrec.store")
 _CHUNK = 500  # ids per IN (...) list: far below SQLite's limit on bound parameters
 
+# SQLite's primary result codes that are the store's own failures, not our code's: the file
+# cannot be opened, written or trusted (permissions, read-only, full, I/O, corrupt), or another
+# connection holds a lock past the busy timeout. A syntax error or a constraint (SQLITE_ERROR,
+# SQLITE_CONSTRAINT, SQLITE_MISUSE...) is a bug, and so is every ProgrammingError or
+# InterfaceError (they carry no code).
+_FAILURE_CODES = frozenset({
+    sqlite3.SQLITE_PERM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOLFS, sqlite3.SQLITE_AUTH,
+    sqlite3.SQLITE_NOTADB})
+
+
+def _is_failure(e: Exception) -> bool:
+    """The disk or the file (OSError: a directory that cannot be made, no space), or SQLite
+    reporting one of _FAILURE_CODES (an extended code's low byte is its primary code)."""
+    if isinstance(e, OSError):
+        return True
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(e, sqlite3.DatabaseError) and isinstance(code, int) and \
+        code & 0xFF in _FAILURE_CODES
+
 
 class SQLiteStore:
-    """A bounded table in one SQLite file (WAL): survives restarts, oldest entries evicted."""
+    """A bounded table in one SQLite file (WAL): survives restarts, oldest entries evicted.
+    Its own failures (locked, full, read-only, cannot open) are raised as StoreFailure."""
 
     def __init__(self, path: str | Path, max_items: int, timeout_s: float = 5.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_items = max_items
         self._lock = threading.Lock()
-        # timeout_s: how long a write waits for another process's lock before it fails
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
-                                   timeout=timeout_s)
+        self._index = VectorIndex()
+        with store_failures(_is_failure):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # timeout_s: how long a write waits for another process's lock before it fails
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                       isolation_level=None, timeout=timeout_s)
+            try:
+                self._prepare_file()
+                # The similarity index is rebuilt from the table: it can never disagree with it.
+                self._load_index()
+            except BaseException:
+                self._db.close()
+                raise
+
+    def _prepare_file(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
@@ -52,9 +85,13 @@ class SQLiteStore:
         with self._transaction():
             self._db.execute("INSERT OR REPLACE INTO meta (name, value)"
                              " VALUES ('rows', (SELECT COUNT(*) FROM embeddings))")
-        # The similarity index is rebuilt from the table: it can never disagree with it.
-        self._index = VectorIndex()
-        self._load_index()
+
+    @contextmanager
+    def _connection(self) -> Iterator[None]:
+        """One call on the connection: under the lock, SQLite's own failures raised as
+        StoreFailure."""
+        with self._lock, store_failures(_is_failure):
+            yield
 
     def _load_index(self, chunk: int = 20_000) -> None:
         last, skipped = -1, 0
@@ -88,7 +125,7 @@ class SQLiteStore:
         rows = [(model, image_id, to_blob(vec), name, model, image_id)
                 for image_id, vec, name in zip(batch.ids, batch.vectors, batch.names,
                                                strict=True)]
-        with self._lock:
+        with self._connection():
             # checked before the transaction: a refusal leaves the table and the index as they
             # were, and the index, updated only once the transaction has committed, cannot fail
             addition = self._index.prepare(model, batch.ids, batch.vectors, batch.names)
@@ -147,18 +184,18 @@ class SQLiteStore:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        with self._lock:
+        with self._connection():
             rows = self._db.execute(
                 f"SELECT id, vector FROM embeddings WHERE model = ? AND id IN ({marks})",
                 (model, *ids)).fetchall()
         return {image_id: from_blob(blob) for image_id, blob in rows}
 
     def count(self) -> int:
-        with self._lock:
+        with self._connection():
             return int(self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
 
     def ping(self) -> None:
-        with self._lock:
+        with self._connection():
             self._db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
 
     def search(self, model: str, query: np.ndarray, k: int,
@@ -169,7 +206,7 @@ class SQLiteStore:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        with self._lock:
+        with self._connection():
             rows = self._db.execute(
                 f"SELECT id, filename FROM embeddings WHERE model = ? AND id IN ({marks})",
                 (model, *ids)).fetchall()
