@@ -309,3 +309,11 @@ def test_sqlite_bound_holds_across_reopen_and_a_lower_max_items(tmp_path: Path) 
         assert searchable(store, MODEL) == ["d", "e", "f"]
     finally:
         store.close()
+
+
+def test_filenames_only_of_stored_ids(make_store: StoreFactory) -> None:
+    store = make_store(10)
+    store.put_many(MODEL, [("a", vec(1)), ("b", vec(2))], ["a.png", None])
+    assert store.filenames(MODEL, ["a", "b", "missing"]) == {"a": "a.png", "b": None}
+    assert store.filenames(OTHER_MODEL, ["a"]) == {}
+    assert store.filenames(MODEL, []) == {}

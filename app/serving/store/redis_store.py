@@ -183,11 +183,22 @@ class RedisStore:
 
     def filenames(self, model: str, ids: Sequence[str]) -> dict[str, str | None]:
         with _failures():
+            if not ids:
+                return {}
+            members = [_member(model, i) for i in ids]
             pipe = self._redis.pipeline(transaction=False)
-            for i in ids:
-                pipe.hget(self._doc + _member(model, i), "f")
+            for m in members:
+                pipe.exists(self._doc + m)
+                pipe.hget(self._doc + m, "f")
+            replies = pipe.execute()
+            stored, names = replies[::2], replies[1::2]
+            missing = [n for n, there in enumerate(stored) if not there]
+            if missing:  # an older replica's single-hash layout keeps no filenames
+                old = self._redis.hmget(self._keys[0], [members[n] for n in missing])
+                for n, blob in zip(missing, old, strict=True):
+                    stored[n] = isinstance(blob, bytes)
             return {i: name.decode() if isinstance(name, bytes) else None
-                    for i, name in zip(ids, pipe.execute(), strict=True)}
+                    for i, there, name in zip(ids, stored, names, strict=True) if there}
 
     def count(self) -> int:
         with _failures():
