@@ -15,6 +15,8 @@ Writes run as one Lua script, so concurrent replicas never see a vector without 
 a re-put refreshes an entry's age atomically, and the bound holds after every call. Redis itself
 must not evict these keys on its own (run it with `maxmemory-policy noeviction`, as the compose
 file does): a memory-pressure eviction of the whole hash would silently drop every vector.
+Redis's own failures (unreachable, timeouts, loading, read-only replica, out of memory) are
+raised as StoreFailure (_is_failure); any other error reply is a bug.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
-"""The embedded default store: a bounded table in one SQLite file, with its similarity index
-rebuilt from the table when it opens."""
+"""The embedded default store: a bounded table in one SQLite file (WAL), with its similarity
+index rebuilt from the table when it opens.
+
+Each put_many is one IMMEDIATE transaction: its rows in (REPLACE: a re-put is the youngest
+again), then the oldest rows beyond max_items out, the row count kept in the file beside them.
+The index is checked before the transaction and updated only after it commits (vector_index.py),
+so a failed write leaves both as they were. SQLite's own failures (locked past the busy timeout,
+disk full, read-only, cannot open) are raised as StoreFailure; SQL that SQLite refuses is a bug.
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """The similarity index beside the embedding store: exact cosine search, kept in step with it.
 
 The SQLite and memory stores own one ``VectorIndex`` and update it inside the same lock as their
-own writes and evictions, so the index holds exactly the vectors the store holds. It is rebuilt
+own writes and evictions, so the index holds exactly the vectors the store holds. They change
+together or not at all: ``prepare`` checks a write's vectors (unique ids, one length per store
+key) and makes room, changing nothing, before the store writes; ``apply``, once the store's
+write has committed, adds them and drops the evicted ones, and cannot fail. It is rebuilt
 from the store when the store opens (measured in BENCHMARKS.md: faster than reading a persisted
 copy would be worth, and never stale). Search is exact: one float32 matrix-vector product over
 the store key's unit vectors, then a partial sort; at the store's default bound of 200,000
 512-d vectors that is a few tens of milliseconds on one core (BENCHMARKS.md), so no approximate
-index and no recall to state. The Redis store searches in Redis itself (search_redis.py).
+index and no recall to state. The Redis store searches in Redis itself (redis_search.py).
 """
 
 from __future__ import annotations
