@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.serving.store.vector_index import clean_filename
+from app.serving.request_rules import clean_filename
 from app.serving.store_key import store_key
 from app.serving.upload_checks import ImageError, prepare
 

@@ -15,13 +15,10 @@ index and no recall to state. The Redis store searches in Redis itself (redis_se
 from __future__ import annotations
 
 import threading
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-MAX_FILENAME_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +30,6 @@ class Neighbor:
 
 class SearchUnavailable(RuntimeError):
     """The store cannot search (a Redis server without the search module)."""
-
-
-def clean_filename(name: str | None) -> str | None:
-    """A client's filename as it may be stored and shown: no control or format characters, no
-    surrounding blanks, at most MAX_FILENAME_CHARS characters; None when nothing is left."""
-    if name is None:
-        return None
-    kept = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cf", "Cs"))
-    kept = kept.strip()[:MAX_FILENAME_CHARS]
-    return kept or None
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
