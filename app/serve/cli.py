@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import resource
 
 import uvicorn
 
+from app.serve.file_limit import apply_file_plan
 from app.serve.http_server import ConnectionLimits, DrainingServer, ImgrecHttpProtocol
 from app.settings import Settings
+
+# The listen backlog; at shutdown the server accepts what is in it (http_server), so it is part
+# of the open files kept free beside the connection cap (file_limit).
+BACKLOG = 2048
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -37,12 +41,12 @@ def serve_main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, workers=1,
         log_level=settings.log_level, access_log=settings.access_log, lifespan="on",
-        loop="uvloop", http=ImgrecHttpProtocol, ws="none", backlog=2048,
+        loop="uvloop", http=ImgrecHttpProtocol, ws="none", backlog=BACKLOG,
         proxy_headers=False,  # client addresses are never used; one middleware less per request
     )
+    plan = apply_file_plan(settings.max_connections, BACKLOG)
     limits = ConnectionLimits(settings.header_timeout_s, settings.body_timeout_s,
-                              settings.max_connections, settings.retry_after_s)
-    _check_descriptor_limit(settings.max_connections)
+                              plan.max_connections, settings.retry_after_s)
 
     def begin_drain() -> None:  # SIGTERM/SIGINT: readiness 503 at once
         service = getattr(app.state, "service", None)
@@ -53,15 +57,3 @@ def serve_main(argv: list[str] | None = None) -> int:
                    begin_drain).run()
     return 0
 
-
-def _check_descriptor_limit(max_connections: int) -> None:
-    """Each connection is a file descriptor: raise the soft limit to what the cap needs (as far
-    as the hard limit allows), so that the cap, not EMFILE, is what a flood runs into."""
-    needed = max_connections + 256  # the backlog accepted at shutdown, the store, libraries
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < needed:
-            logging.getLogger("imgrec").warning(
-                "open-file limit %d is below IMGREC_MAX_CONNECTIONS + 256 (%d)", target, needed)
