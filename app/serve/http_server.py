@@ -14,6 +14,10 @@ uploads followed by SIGTERM lost up to all of them. Here, instead:
 * Everything in flight is answered within ``graceful_shutdown_s``; what is still unanswered then
   gets 503 + Retry-After + ``Connection: close``. Only then does the lifespan stop the Service.
 
+A start-up that fails inside the lifespan (the engine does not load, a port is taken...) is not
+logged as uvicorn's traceback: ``DrainingServer.startup_failure`` holds it as one line for
+``serve_main`` to print, and the traceback goes to the debug log.
+
 Against slow and abusive clients, per connection: the request line and headers must arrive within
 ``header_timeout_s`` and the body within ``body_timeout_s`` of the headers (else 408, or a silent
 close for a connection that never sent a byte).
@@ -38,6 +42,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from asyncio import TimerHandle
 from collections import OrderedDict
@@ -47,8 +52,11 @@ from types import FrameType
 from typing import Any, cast
 
 import uvicorn
+from uvicorn.lifespan.on import LifespanOn, LifespanSendMessage
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
+
+from app.serve.refusals import describe_failure
 
 log = logging.getLogger("imgrec.server")
 
@@ -311,6 +319,36 @@ class ImgrecHttpProtocol(HttpToolsProtocol):
                                retry_after_s)
 
 
+class _Demoted(logging.LoggerAdapter[logging.Logger]):
+    """A logger whose records all go out at debug level."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+class OneLineLifespan(LifespanOn):
+    """uvicorn's lifespan, except that a start-up failure is kept as one line (``failure``)
+    instead of logged as a traceback and "Application startup failed": those go to the debug
+    log, for whoever wants the traceback (IMGREC_LOG_LEVEL=debug)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.failure: str | None = None
+
+    async def send(self, message: LifespanSendMessage) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            # Starlette sends this from the except block that caught the app's exception
+            error = sys.exc_info()[1]
+            text = message.get("message") or ""
+            log.debug("application start-up failed:\n%s", text)
+            lines = text.strip().splitlines()
+            self.failure = (describe_failure(error) if error is not None
+                            else lines[-1] if lines else "application start-up failed")
+            self.logger = _Demoted(self.logger, {})  # type: ignore[assignment]
+            message = {"type": "lifespan.startup.failed", "message": ""}
+        await super().send(message)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server with the lame duck on SIGTERM and a shutdown that answers every connection
     (see the module's docstring). ``on_drain`` is called at the first SIGTERM or SIGINT."""
@@ -318,7 +356,12 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, limits: ConnectionLimits, drain_delay_s: float,
                  graceful_shutdown_s: float, on_drain: Callable[[], None]) -> None:
         super().__init__(config)
+        if not config.loaded:
+            config.load()
+        if config.lifespan_class is LifespanOn:
+            config.lifespan_class = OneLineLifespan
         self.server_state: ImgrecServerState = ImgrecServerState(limits)
+        self.startup_failure: str | None = None  # one line, when the lifespan failed to start
         self.drain_delay_s = drain_delay_s
         self.graceful_shutdown_s = graceful_shutdown_s
         self.on_drain = on_drain
@@ -356,6 +399,17 @@ class DrainingServer(uvicorn.Server):
             if now >= cap_log.quiet_until:
                 cap_log.flush(now)
         return await super().on_tick(counter)
+
+    # -- start-up --------------------------------------------------------------------------
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        except SystemExit:  # uvicorn's exit after a failed lifespan start-up, or a bind error
+            failure = getattr(self.lifespan, "failure", None)
+            if failure is None:
+                raise  # already said in one line by uvicorn (address in use...)
+            self.startup_failure = failure
+            self.should_exit = True  # run() returns; serve_main prints the line
 
     # -- shutdown --------------------------------------------------------------------------
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
