@@ -1,10 +1,22 @@
 """Triton's model configuration extension (``GET /v2/models/{name}/config``, gRPC ``ModelConfig``)
-through the real tritonclient clients."""
+through the real tritonclient clients, and Triton's own benchmark tool, perf_analyzer, run
+against a live server with real PNG and JPEG files.
+
+perf_analyzer is the binary that tritonclient 2.50.0's wheel carries (bench/perf_analyzer.py
+--setup fetches it; ./dev setup runs that): the test runs the real tool rather than a replay of
+its request sequence, since the tool is ~20 MB of downloads and is what operators will point at
+imgrec. Without it the test skips on a workstation and fails in CI.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import io
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -12,10 +24,12 @@ import httpx
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
-from conftest import LABELS
+from conftest import LABELS, png_bytes
 from google.protobuf import json_format
-from helpers.apps import running
+from helpers.apps import metric, running
+from helpers.daemons import in_ci
 from helpers.oip_live import LiveServer
+from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
@@ -23,6 +37,7 @@ from app.main import create_app
 from app.settings import Settings
 
 MODEL = "test-fashion-small"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +150,51 @@ async def test_config_follows_the_settings(tiny_model_dir: Path) -> None:
     assert batching["default_queue_policy"]["max_queue_size"] == 100
     assert batching["default_queue_policy"]["default_timeout_microseconds"] == 750_000
     as_message(config)
+
+
+# -- perf_analyzer ---------------------------------------------------------------------------------
+def bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_perf_analyzer",
+                                                  ROOT / "bench" / "perf_analyzer.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(seed))).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_perf_analyzer_runs_over_http_and_grpc(live: LiveServer, tmp_path: Path) -> None:
+    bench = bench_module()
+    pa = bench.locate()
+    if pa is None:
+        message = ("perf_analyzer is not set up: python bench/perf_analyzer.py --setup "
+                   "(needs Debian's libb64-0d)")
+        if in_ci():
+            pytest.fail(f"{message}, and CI is set: ./dev setup installs it")
+        pytest.skip(message)
+    files = [png_bytes(900 + i) for i in range(4)] + [jpeg_bytes(950 + i) for i in range(4)]
+    data = bench.write_input_data(tmp_path / "input.json", files)
+    metrics_url = f"http://{live.url}/metrics"
+    for protocol, url in (("http", live.url), ("grpc", live.grpc_url)):
+        before = bench.infer_count(metrics_url, protocol)
+        figures = bench.run_once(pa, protocol, url, MODEL, data, 2, tmp_path, window_ms=1000,
+                                 stability=100, timeout_s=120)
+        assert figures.infer_per_s > 0 and figures.p50_ms > 0, figures
+        assert bench.infer_count(metrics_url, protocol) - before >= 8
+    text = httpx.get(metrics_url).text
+    ok = 'route="POST /v2/models/{name}/infer",status="200"'
+    answered = [line for line in text.splitlines()
+                if line.startswith("imgrec_requests_total{") and "infer" in line]
+    assert all(ok in line or 'status="OK"' in line for line in answered), answered
+    assert metric(text, "imgrec_rejections_total") == 0
+    # every file reached the network as sent: its vector is stored under its own sha256
+    ids = [hashlib.sha256(f).hexdigest() for f in files]
+    r = httpx.get(f"http://{live.url}/embed", params=[("id", i) for i in ids], timeout=30)
+    assert r.status_code == 200 and [x["id"] for x in r.json()["results"]] == ids
