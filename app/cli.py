@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_main(rest)
     if command == "quantize":
-        from app.nn.quantize import quantize_main
+        from app.training.quantize_cli import quantize_main
 
         return quantize_main(rest)
     if command == "serve":

@@ -121,7 +121,8 @@ def prepare_resnet50(parent: Path) -> Path:
     the gate IMGREC_PRECISION=int8 needs, not a figure to read."""
     from app.model.directory import read_card
     from app.nn.export import export_model_dir
-    from app.nn.quantize import load_split_arrays, quantize_model_dir
+    from app.nn.quantize import quantize_model_dir
+    from app.training.quantize_cli import load_split_arrays
 
     parent.mkdir(parents=True, exist_ok=True)
     d = random_model(parent, "resnet50")

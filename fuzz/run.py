@@ -7,7 +7,7 @@
 from fuzz/corpus.py on the first run); a finding is written to ``fuzz/findings/`` as
 ``crash-*`` / ``timeout-*`` and the run stops: replay it with
 ``python fuzz/run.py decode fuzz/findings/crash-...``, fix it and add it as a regression test
-to tests/test_fuzz_properties.py. An input that takes over 10 s is a finding (a hang).
+to tests/api/test_fuzz_properties.py. An input that takes over 10 s is a finding (a hang).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """What a fuzz input must never do, for the two parsers of untrusted bytes.
 
 ``multipart(data)``: the streaming multipart parser (app/api/multipart.py) fed a request body in
-chunks; ``decode(data)``: the image decode path (app/serving/upload_checks.py ``prepare``). Each returns
-normally for an input the service handles as it should (parsed, or refused with a 4xx
-ApiError / ImageError) and raises ``Finding`` or lets an unexpected exception out otherwise.
-fuzz/run.py runs them under atheris; tests/test_fuzz_properties.py under hypothesis.
+chunks; ``decode(data)``: the image decode path (app/serving/upload_checks.py ``prepare``).
+Each returns normally for an input the service handles as it should (parsed, or refused with a
+4xx ServiceError / ImageError) and raises ``Finding`` or lets an unexpected exception out
+otherwise. fuzz/run.py runs them under atheris; tests/api/test_fuzz_properties.py under
+hypothesis.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from app.api.errors import ApiError
-from app.api.multipart import Upload, read_uploads
+from app.api.multipart import read_uploads
 from app.model.card import InputSpec
+from app.serving.errors import ServiceError
+from app.serving.service import Upload
 from app.serving.upload_checks import ImageError, prepare
 
 T = TypeVar("T")
@@ -59,21 +61,21 @@ def request(body: bytes, chunk: int, content_type: bytes,
 
 
 def parse(body: bytes, chunk: int = 1 << 16, content_type: bytes | None = None,
-          content_length: bool = True) -> list[Upload] | ApiError:
-    """The parser's answer: the uploads, or the ApiError it refused the body with."""
+          content_length: bool = True) -> list[Upload] | ServiceError:
+    """The parser's answer: the uploads, or the ServiceError it refused the body with."""
     ctype = content_type if content_type is not None else \
         b"multipart/form-data; boundary=" + BOUNDARY
     try:
         return run_sync(read_uploads(request(body, max(chunk, 1), ctype, content_length),
                                      MAX_BYTES, MAX_FILES))
-    except ApiError as e:
+    except ServiceError as e:
         return e
 
 
 def multipart(body: bytes, chunk: int = 1 << 16, content_type: bytes | None = None,
               content_length: bool = True) -> None:
     outcome = parse(body, chunk, content_type, content_length)
-    if isinstance(outcome, ApiError):
+    if isinstance(outcome, ServiceError):
         if not 400 <= outcome.status < 500 or not outcome.code or not outcome.message:
             raise Finding(f"refused with {outcome.status} {outcome.code!r}")
         return

@@ -1,7 +1,7 @@
 """The OpenAPI document's shared pieces, so that every route describes what it really does.
 
 CI runs schemathesis with all its checks against ``/openapi.json`` of a live server
-(tests/test_openapi_conformance.py): every status a route can answer, the body and content type
+(tests/api/test_openapi_conformance.py): every status a route can answer, the body and content type
 of each, every parameter's bounds and the request body's media types have to be in here. Routes
 of any protocol reuse these pieces:
 

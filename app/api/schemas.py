@@ -2,7 +2,7 @@
 
 The routes still answer with ``JSONBytes`` (orjson, vectors straight from numpy): FastAPI does
 not validate or re-serialise a returned Response, so these models cost nothing per request.
-tests/test_openapi_conformance.py has schemathesis check every answer against them.
+tests/api/test_openapi_conformance.py has schemathesis check every answer against them.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def open_image(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore")
             return Image.open(io.BytesIO(data))
     # RuntimeError: Pillow's AVIF plugin on a corrupt file ("Failed to decode image: Missing or
-    # empty image item"), found by tests/test_fuzz_properties.py
+    # empty image item"), found by tests/api/test_fuzz_properties.py
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as e:
         raise DecodeError(f"not a readable image: {e}") from e
 

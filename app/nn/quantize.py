@@ -1,5 +1,6 @@
-"""``imgrec quantize MODEL_DIR``: a static int8 graph, calibrated on training images and
-measured on the test split before the card will let anyone serve it.
+"""The int8 graph of a model directory: a static int8 graph, calibrated on training images and
+measured on the test split before the card will let anyone serve it. This module takes arrays;
+``imgrec quantize`` (app/training/quantize_cli.py) loads them from the card's data set.
 
 ONNX Runtime's own quantizer (``onnxruntime.quantization.quantize_static``) writes QDQ
 (QuantizeLinear/DequantizeLinear pairs around every quantizable op, which ONNX Runtime's graph
@@ -17,8 +18,6 @@ card; ``IMGREC_PRECISION=int8`` serves the int8 graph only when that figure is t
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from app.model.card import GraphSpec, InputSpec, ModelCard
+from app.model.card import GraphSpec, InputSpec
+from app.model.decode import array_to_input
 from app.model.directory import (
     GRAPH_FILES,
     ModelDirError,
@@ -101,26 +101,12 @@ def quantize_graph(float_graph: Path, calibration: np.ndarray, out: Path,
             "method": "MinMax", "reduce_range": reduce_range, "ops": op_types or QUANTIZED_OPS}
 
 
-def _as_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """uint8 (N, C, H, W) images -> the card's input size, exactly as the server prepares an
-    upload (encoded losslessly and sent through app.serving.upload_checks.prepare) unless they are
-    already at it."""
+def as_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 (N, C, H, W) images -> the card's input size, by the colour and resize rules the
+    server applies to an upload (``app.model.decode``), unless they are already at it."""
     if images.shape[1:] == (spec.channels, spec.size, spec.size):
         return np.ascontiguousarray(images)
-    import io
-
-    from PIL import Image
-
-    from app.serving.upload_checks import prepare
-
-    out = np.empty((len(images), spec.channels, spec.size, spec.size), dtype=np.uint8)
-    for i, image in enumerate(images):
-        buf = io.BytesIO()
-        pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        Image.fromarray(pixels).save(buf, format="PNG")
-        out[i] = np.frombuffer(prepare(buf.getvalue(), spec, 1 << 62), np.uint8).reshape(
-            out.shape[1:])
-    return out
+    return np.stack([array_to_input(image, spec) for image in images])
 
 
 def quantize_model_dir(directory: str | Path, calibration: np.ndarray, test_images: np.ndarray,
@@ -134,8 +120,8 @@ def quantize_model_dir(directory: str | Path, calibration: np.ndarray, test_imag
     float_graph = graph_path(root, card, "float32")
     if float_graph is None:
         raise ModelDirError(f"{root}: no float32 graph to quantize; run imgrec export {root}")
-    calibration = _as_input(calibration, card.input)
-    test_images = _as_input(test_images, card.input)
+    calibration = as_input(calibration, card.input)
+    test_images = as_input(test_images, card.input)
     out = root / GRAPH_FILES["int8"]
     started = time.perf_counter()
     how = quantize_graph(float_graph, calibration, out, reduce_range)
@@ -181,71 +167,3 @@ def _quantizer_name() -> str:
     import onnxruntime
 
     return f"onnxruntime {onnxruntime.__version__} quantize_static"
-
-
-def load_split_arrays(card: ModelCard, data: str | None, calibration_images: int,
-                      test_limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """Calibration images (a seeded random sample of the training split) and the test split,
-    as uint8 arrays, from the card's training data unless ``data`` names other data."""
-    import torch
-
-    from app.training.data import load_data
-
-    spec = data or str(card.training.get("config", {}).get("data", "fashion-mnist"))
-    bundle = load_data(spec, None, card.input.channels)
-    if bundle.labels != card.labels:
-        raise ModelDirError(f"data labels {bundle.labels} differ from the card's {card.labels}")
-
-    def arrays(split: Any) -> np.ndarray:
-        if split.images is not None:
-            return np.asarray(split.images.numpy(), dtype=np.uint8)
-        return np.stack([np.frombuffer(_prepared_file(p, card.input), np.uint8).reshape(
-            card.input.channels, card.input.size, card.input.size) for p in split.paths])
-
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(bundle.train), generator=generator)[:calibration_images]
-    calibration = arrays(bundle.train.subset(pick))
-    test = bundle.test
-    if test_limit:
-        test = test.subset(torch.arange(min(test_limit, len(test))))
-    return calibration, arrays(test), test.labels.numpy(), bundle.source
-
-
-def _prepared_file(path: Path, spec: InputSpec) -> bytes:
-    from app.serving.upload_checks import prepare
-
-    return prepare(path.read_bytes(), spec, 1 << 62)
-
-
-def quantize_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="imgrec quantize",
-        description="Write a static int8 graph (model.int8.onnx: ONNX Runtime's quantizer, QDQ, "
-                    "per-channel, calibrated on training images) from the directory's "
-                    "model.onnx, measure its test top-1 and record it in the card. "
-                    "IMGREC_PRECISION=int8 serves it only once that figure is in the card.")
-    p.add_argument("model_dir")
-    p.add_argument("--data", default=None, help="'fashion-mnist', an IDX directory or an "
-                   "ImageFolder root (default: the card's training data)")
-    p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
-                   help="training images sampled for the activation ranges")
-    p.add_argument("--test-limit", type=int, default=0,
-                   help="measure on the first N test images only (0 = the whole split)")
-    p.add_argument("--full-range", action="store_true",
-                   help="8-bit weights instead of 7: only for graphs that never run on an x86 "
-                        "CPU without VNNI, whose AVX2/AVX-512 int8 kernels saturate their "
-                        "int16 sums with 8-bit weights (measured here: -1.3 points top-1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for measuring")
-    args = p.parse_args(argv)
-    root, card = open_model_dir(args.model_dir)
-    calibration, images, labels, source = load_split_arrays(
-        card, args.data, args.calibration_images, args.test_limit, args.seed)
-    spec = quantize_model_dir(root, calibration, images, labels, source, not args.full_range,
-                              args.threads)
-    m = spec.metrics
-    print(f"wrote {root / spec.file} (sha256 {spec.sha256}): test top-1 {m['test_top1']:.2f}% "
-          f"int8 vs {m['float32_test_top1']:.2f}% float32 on {m['test_images']} images "
-          f"({m['top1_difference_points']:+.2f} points)", file=sys.stderr)
-    return 0
-

@@ -35,11 +35,6 @@ def to_input_size(image: Tensor, spec: InputSpec) -> Tensor:
     return torch.from_numpy(array_to_input(np.ascontiguousarray(image.numpy()), spec))
 
 
-def preprocess(image: Tensor, spec: InputSpec) -> Tensor:
-    """uint8 (C, H, W) of any size and colour mode -> float32 (channels, size, size), normalised."""
-    return normalize_batch(to_input_size(image, spec).unsqueeze(0), spec)[0]
-
-
 def normalize_batch(images: Tensor, spec: InputSpec, dtype: torch.dtype = torch.float32
                     ) -> Tensor:
     """uint8 (N, C, size, size) at the input size -> (x / 255 - mean) / std, on its device."""

@@ -1,7 +1,8 @@
 """`imgrec index DIR`: embed a folder of images (or an ImageFolder tree) into the store.
 
-The same bytes -> id (sha256), the same decoding and checks (images.prepare), the same model
-(Predictor) and the same store and store key as the service, so that a served /search finds
+The same bytes -> id (sha256), the same decoding and checks (upload_checks.prepare), the same
+model (``Predictor.from_settings``: device, engine and precision) and the same store and store
+key (app/serving/store_key.py) as the service, so that a served /search or GET /embed finds
 what was indexed here. Batched on the model's device; images already stored are skipped, so an
 interrupted run resumes where it stopped; ``--shard i/n`` takes every n-th file by a hash of
 its path, so n machines can split one catalogue with no coordination.
@@ -16,13 +17,21 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.serving.store.vector_index import clean_filename
+from app.serving.request_rules import clean_filename
+from app.serving.store_key import store_key
 from app.serving.upload_checks import ImageError, prepare
+
+if TYPE_CHECKING:
+    from app.serving.predictor import Predictor
+    from app.serving.store import EmbeddingStore
+    from app.settings import Settings
 
 log = logging.getLogger("imgrec.index")
 
@@ -61,6 +70,21 @@ def index_main(argv: list[str]) -> int:
     from app.settings import Settings
 
     settings = Settings()
+    ap = _parser(settings)
+    args = ap.parse_args(argv)
+    _check_args(ap, args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # the command line's choices, then IMGREC_* as the server reads them, for everything else
+    settings = settings.model_copy(update={
+        "model_dir": args.model_dir, "embed_store": args.store, "max_batch_size": args.batch_size,
+        "device": args.device, "precision": args.precision})
+    summary = run_index(args.dir, settings, shard=args.shard, namespace=args.namespace,
+                        parquet=args.parquet, progress=not args.no_progress)
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def _parser(settings: Settings) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imgrec index", description=(
         "Embed every image under DIR into the embedding store (IMGREC_EMBED_STORE) with the "
         "served model's preprocessing and ids; images already stored are skipped."))
@@ -77,8 +101,15 @@ def index_main(argv: list[str]) -> int:
                     help="also write (id, filename, vector) rows to this Parquet file "
                          "(needs pyarrow: pip install 'imgrec[parquet]')")
     ap.add_argument("--device", default=settings.device)
+    ap.add_argument("--precision", choices=["float32", "int8"], default=settings.precision,
+                    help="the graph whose vectors to store (default IMGREC_PRECISION): the "
+                         "precision of the servers that will read them, since int8 and "
+                         "float32 vectors are stored apart")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if not args.dir.is_dir():
@@ -88,83 +119,120 @@ def index_main(argv: list[str]) -> int:
             import pyarrow  # noqa: F401
         except ImportError:
             ap.error("--parquet needs pyarrow: pip install 'imgrec[parquet]'")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = run_index(args.dir, args.model_dir, args.store, settings.embed_store_max_items,
-                        args.batch_size, args.shard, args.namespace, args.parquet, args.device,
-                        settings, progress=not args.no_progress)
-    print(summary, file=sys.stderr)
-    return 0
 
 
-def run_index(root: Path, model_dir: Path, store_url: str, max_items: int, batch_size: int,
-              shard: tuple[int, int], namespace: str | None, parquet: Path | None,
-              device: str, settings: object, progress: bool = True) -> str:
+def run_index(root: Path, settings: Settings, shard: tuple[int, int] = (0, 1),
+              namespace: str | None = None, parquet: Path | None = None,
+              progress: bool = True) -> str:
+    """Embed the shard's images under ``root`` with the model, device and precision the
+    settings give (as a server with these settings would), into their store under the key that
+    server reads; returns a one-line summary."""
     from tqdm import tqdm
 
     from app.serving.predictor import Predictor
     from app.serving.store import open_store
-    from app.settings import Settings
 
-    assert isinstance(settings, Settings)
     files = [p for p in list_images(root) if in_shard(p.relative_to(root).as_posix(), shard)]
-    predictor = Predictor(model_dir, device, settings.dtype, settings.torch_threads,
-                          settings.engine)
-    key = predictor.model_key if namespace is None else f"{predictor.model_key}:{namespace}"
-    store = open_store(store_url, max_items)
-    spec, max_pixels = predictor.card.input, settings.max_image_pixels
-    rows: tuple[list[str], list[str], list[np.ndarray]] = ([], [], [])
-    done = skipped = bad = 0
+    predictor = Predictor.from_settings(settings)
+    store = open_store(settings.embed_store, settings.embed_store_max_items)
+    batches = Batches(root, predictor, store, store_key(predictor.model_key, namespace),
+                      settings)
+    rows = Rows()
     started = time.perf_counter()
-
-    def load(job: tuple[Path, str, bytes]) -> tuple[Path, str, bytes | ImageError]:
-        path, image_id, data = job
-        try:
-            return path, image_id, prepare(data, spec, max_pixels)
-        except ImageError as e:
-            return path, image_id, e
-
     try:
         with ThreadPoolExecutor(max_workers=settings.decode_threads) as pool, \
                 tqdm(total=len(files), unit="img", disable=not progress) as bar:
-            for chunk in _chunks(files, batch_size):
-                names = [clean_filename(p.relative_to(root).as_posix()) for p in chunk]
-                blobs = [p.read_bytes() for p in chunk]
-                ids = [hashlib.sha256(b).hexdigest() for b in blobs]
-                stored = store.get_many(key, ids)
-                todo = [(p, i, b) for p, i, b in zip(chunk, ids, blobs, strict=True)
-                        if i not in stored]
-                prepared = []
-                for path, image_id, out in pool.map(load, todo):
-                    if isinstance(out, ImageError):
-                        bad += 1
-                        log.warning("%s: skipped: %s", path, out.message)
-                    else:
-                        prepared.append((path, image_id, out))
-                if prepared:
-                    predictions = predictor.forward([px for _, _, px in prepared])
-                    named = dict(zip(chunk, names, strict=True))
-                    store.put_many(key, [(i, p.embedding) for (_, i, _), p in
-                                         zip(prepared, predictions, strict=True)],
-                                   [named[path] for path, _, _ in prepared])
-                    for (_, image_id, _), p in zip(prepared, predictions, strict=True):
-                        stored[image_id] = p.embedding
-                done += len(prepared)
-                skipped += len(chunk) - len(todo)
+            for chunk in _chunks(files, settings.max_batch_size):
+                ids, names, stored = batches.index(chunk, pool)
                 if parquet is not None:
-                    for image_id, name in zip(ids, names, strict=True):
-                        if image_id in stored:
-                            rows[0].append(image_id)
-                            rows[1].append(name or "")
-                            rows[2].append(stored[image_id])
+                    rows.add(ids, names, stored)
                 bar.update(len(chunk))
     finally:
         store.close()
     if parquet is not None:
-        write_parquet(parquet, *rows)
+        write_parquet(parquet, rows.ids, rows.names, rows.vectors)
     seconds = time.perf_counter() - started
-    return (f"indexed {done} images, {skipped} already stored, {bad} unreadable, of "
+    t = batches.tally
+    return (f"indexed {t.done} images, {t.skipped} already stored, {t.bad} unreadable, of "
             f"{len(files)} in shard {shard[0]}/{shard[1]} in {seconds:.1f} s "
-            f"({done / seconds if seconds else 0:.1f} images/s) into {key[:12]}…")
+            f"({t.done / seconds if seconds else 0:.1f} images/s) into {batches.key[:12]}…")
+
+
+@dataclass
+class Tally:
+    done: int = 0  # embedded and stored now
+    skipped: int = 0  # already stored (by an earlier run, or a file with the same bytes)
+    bad: int = 0  # refused by the upload checks
+
+
+class Batches:
+    """Indexes one batch of files at a time: reads them, skips what the store already holds,
+    decodes the rest on the pool as the service decodes uploads, runs them as one batch and
+    stores their vectors."""
+
+    def __init__(self, root: Path, predictor: Predictor, store: EmbeddingStore, key: str,
+                 settings: Settings) -> None:
+        self.root, self.predictor, self.store, self.key = root, predictor, store, key
+        self.spec = predictor.card.input
+        self.max_pixels = settings.max_image_pixels
+        self.max_header_pixels = settings.max_image_header_pixels
+        self.tally = Tally()
+
+    def index(self, paths: list[Path], pool: Executor
+              ) -> tuple[list[str], list[str | None], dict[str, np.ndarray]]:
+        """(ids, filenames, the vectors now stored for those ids) of these files."""
+        names = [clean_filename(p.relative_to(self.root).as_posix()) for p in paths]
+        blobs = [p.read_bytes() for p in paths]
+        ids = [hashlib.sha256(b).hexdigest() for b in blobs]
+        stored = self.store.get_many(self.key, ids)
+        # one job per new id: the same bytes under two names are one image (the last name kept,
+        # as the service keeps the latest filename it was given)
+        todo = {i: (p, b, n) for p, i, b, n in zip(paths, ids, blobs, names, strict=True)
+                if i not in stored}
+        prepared = []
+        for path, job in pool.map(self._prepare, todo.items()):
+            if isinstance(job, ImageError):
+                self.tally.bad += 1
+                log.warning("%s: skipped: %s", path, job.message)
+            else:
+                prepared.append(job)
+        if prepared:
+            predictions = self.predictor.forward([pixels for _, pixels, _ in prepared])
+            self.store.put_many(self.key, [(i, p.embedding) for (i, _, _), p in
+                                           zip(prepared, predictions, strict=True)],
+                                [name for _, _, name in prepared])
+            for (image_id, _, _), p in zip(prepared, predictions, strict=True):
+                stored[image_id] = p.embedding
+        self.tally.done += len(prepared)
+        self.tally.skipped += len(paths) - len(todo)
+        return ids, names, stored
+
+    def _prepare(self, job: tuple[str, tuple[Path, bytes, str | None]]
+                 ) -> tuple[Path, tuple[str, bytes, str | None] | ImageError]:
+        """On a pool thread: (path, (id, pixels, filename)), or the upload checks' refusal."""
+        image_id, (path, data, name) = job
+        try:
+            return path, (image_id, prepare(data, self.spec, self.max_pixels,
+                                            self.max_header_pixels), name)
+        except ImageError as e:
+            return path, e
+
+
+@dataclass
+class Rows:
+    """The Parquet file's rows: one per file whose vector is stored, in listing order."""
+
+    ids: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, ids: list[str], names: list[str | None], stored: dict[str, np.ndarray]
+            ) -> None:
+        for image_id, name in zip(ids, names, strict=True):
+            if image_id in stored:
+                self.ids.append(image_id)
+                self.names.append(name or "")
+                self.vectors.append(stored[image_id])
 
 
 def write_parquet(path: Path, ids: list[str], names: list[str],

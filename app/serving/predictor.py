@@ -15,11 +15,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app.model.directory import ModelDirError, graph_path, int8_accuracy, open_model_dir
 from app.serving.engines import Engine, OnnxRuntimeEngine, onnxruntime_available
+from app.serving.store_key import model_key
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 log = logging.getLogger("imgrec.predictor")
 
@@ -65,7 +70,6 @@ class Predictor:
                  precision: str = "float32") -> None:
         started = time.perf_counter()
         root, self.card = open_model_dir(model_dir)  # refuses weights that are not the card's
-        self.model_key = self.card.weights_sha256
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         cpu = self.device == "cpu"
@@ -90,6 +94,8 @@ class Predictor:
             from app.serving.engine_torch import torch_engine
 
             self.engine = torch_engine(str(root), self.device, self.dtype, threads)
+        # the store key of the vectors this predictor computes (app/serving/store_key.py)
+        self.model_key = model_key(self.card, precision)
         spec = self.card.input
         self.image_shape = (spec.channels, spec.size, spec.size)
         self.image_bytes = spec.channels * spec.size * spec.size
@@ -97,6 +103,13 @@ class Predictor:
         log.info("loaded %s (%s, %d parameters) on %s as %s with %s in %.2f s", self.card.name,
                  self.card.preset, self.card.parameters, self.device, self.dtype,
                  self.engine.name, time.perf_counter() - started)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Predictor:
+        """The predictor the settings describe (the service and ``imgrec index`` alike): the
+        same device, engine and precision, so the same vectors under the same model key."""
+        return cls(settings.model_dir, settings.device, settings.dtype, settings.torch_threads,
+                   settings.engine, settings.precision)
 
     def _onnxruntime(self, root: Path, precision: str, threads: int) -> OnnxRuntimeEngine:
         if precision == "int8":

@@ -45,6 +45,7 @@ from app.serving.predictor import Prediction, Predictor
 from app.serving.store import open_store
 from app.serving.store.guard import GuardedStore, StoreUnavailable
 from app.serving.store.vector_index import Neighbor, SearchUnavailable
+from app.serving.store_key import store_key
 from app.serving.upload_checks import prepare
 from app.settings import Settings
 
@@ -98,14 +99,10 @@ def all_stored(results: Sequence[ImageResult]) -> bool:
     return all(r.stored for r in results)
 
 
-def load_predictor(s: Settings) -> Predictor:
-    """The model of these settings on its device (blocking: minutes for a large one)."""
-    return Predictor(s.model_dir, s.device, s.dtype, s.torch_threads, s.engine, s.precision)
-
-
 class Service:
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
-                 predictor_loader: Callable[[Settings], Predictor] = load_predictor) -> None:
+                 predictor_loader: Callable[[Settings], Predictor] = Predictor.from_settings
+                 ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._load_predictor = predictor_loader
@@ -189,8 +186,7 @@ class Service:
         """The embedding store's key for this model and caller: vectors of another model, or
         of another API key's namespace, are never found under it."""
         assert self.predictor is not None
-        key = self.predictor.model_key
-        return key if namespace is None else f"{key}:{namespace}"
+        return store_key(self.predictor.model_key, namespace)
 
     def _refusal(self, reason: str, code: str, message: str) -> Unavailable:
         self.metrics.rejections.labels(reason).inc()

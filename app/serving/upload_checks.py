@@ -27,7 +27,7 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF"} | (
 
 
 
-class ImageError(ServiceError):
+class ImageError(ServiceError, ValueError):
     """A bad upload (413 or 415): one of the Service's refusals, so every skin answers it."""
 
     def __init__(self, status: int, code: str, message: str) -> None:

@@ -11,6 +11,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.model.card import ResizeRule
+
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -24,7 +26,7 @@ class TrainConfig(BaseModel):
     limit_train: int = Field(0, ge=0, description="use only this many training images (0 = all)")
     limit_test: int = Field(0, ge=0, description="use only this many test images (0 = all)")
     input_size: int = Field(0, ge=0, description="input side in pixels (0 = the preset's)")
-    resize: Literal["stretch", "shorter-side-crop"] = Field(
+    resize: ResizeRule = Field(
         "stretch", description="how an image becomes size x size, written into the card and "
         "served the same way: stretch the whole image, or scale the shorter side and keep the "
         "centre square (the ImageNet convention, for real photos)")

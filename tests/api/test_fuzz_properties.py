@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the fuzz/ packag
 
 import httpx
 
-from app.api.errors import ApiError
 from app.main import create_app
+from app.serving.errors import ServiceError
 from app.settings import Settings
 from fuzz import corpus, targets
 
@@ -92,11 +92,12 @@ def test_multipart_round_trip(parts: list[tuple[str, str | None, bytes]], chunk:
     files = [(f, d) for n, f, d in parts if n == "file"]
     outcome = targets.parse(body, chunk)
     if not files:
-        assert isinstance(outcome, ApiError) and (outcome.status, outcome.code) == (400, "no_file")
+        assert isinstance(outcome, ServiceError)
+        assert (outcome.status, outcome.code) == (400, "no_file")
     elif len(files) > targets.MAX_FILES:
-        assert isinstance(outcome, ApiError) and outcome.code == "too_many_files"
+        assert isinstance(outcome, ServiceError) and outcome.code == "too_many_files"
     else:
-        assert not isinstance(outcome, ApiError), outcome.message
+        assert not isinstance(outcome, ServiceError), outcome.message
         assert [(u.filename, u.data) for u in outcome] == files
 
 
@@ -175,7 +176,7 @@ def test_malformed_multipart_logs_nothing(caplog: pytest.LogCaptureFixture) -> N
     ("Expected boundary character 117, got 1 at index 5"), so any client could fill the log."""
     caplog.set_level(logging.DEBUG)
     outcome = targets.parse(b"--fuzz\x01oundary\r\n\r\n")
-    assert isinstance(outcome, ApiError) and outcome.status == 400
+    assert isinstance(outcome, ServiceError) and outcome.status == 400
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 

@@ -19,7 +19,8 @@ import onnx
 import pytest
 import torch
 from conftest import make_model_dir, png_bytes
-from helpers.daemons import Daemon, free_port, http_status, in_ci, venv_binary, wait_until
+from helpers.daemons import Daemon, free_port, http_status, venv_binary, wait_until
+from helpers.data import needs_data
 
 from app.cli import main as imgrec
 from app.model.card import ModelCard
@@ -28,22 +29,8 @@ from app.nn.checkpoint import load_model_dir, save_model_dir
 from app.nn.resnet import Bottleneck
 from app.nn.tensors import normalize_batch
 from app.serving.predictor import Predictor
-from app.training.data import DataError, find_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def have_fashion_mnist() -> bool:
-    try:
-        find_fashion_mnist()
-    except DataError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(
-    not have_fashion_mnist() and not in_ci(),
-    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist); CI has it")
 
 
 @pytest.fixture(scope="module")

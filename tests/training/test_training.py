@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.data import needs_data
 from PIL import Image
 
 from app.nn import create_model, load_model_dir
@@ -19,24 +20,10 @@ from app.nn.checkpoint import CARD_FILE
 from app.training.augment import build_train_transform, crop_geometry, crop_resize, rotation
 from app.training.config import TrainConfig, parse_config
 from app.training.convergence import Convergence
-from app.training.data import find_fashion_mnist
 from app.training.loss import PatentLoss, bn_regulariser, weight_decay_term
 
 N = 4000  # draws per statistical check; 4 sigma of a proportion is at most 4*0.5/sqrt(N)=0.032
 TOL = 4 * 0.5 / math.sqrt(N)
-
-
-def have_fashion_mnist() -> bool:
-    try:
-        find_fashion_mnist()
-        return True
-    except ValueError:
-        return False
-
-
-needs_data = pytest.mark.skipif(
-    not have_fashion_mnist() and not os.environ.get("CI"),
-    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist); CI has it")
 
 
 def quiet_config(**kw: object) -> TrainConfig:
