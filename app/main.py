@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI
 
@@ -22,6 +24,38 @@ from app.api.search import router as search_router
 from app.serving.metrics import Metrics
 from app.serving.service import Service
 from app.settings import Settings
+
+log = logging.getLogger("imgrec.main")
+
+
+@contextmanager
+def _sighup_reloads(reloads: list[tuple[str, Callable[[], object]]]) -> Iterator[None]:
+    """SIGHUP, the signal operators send to reload, is handled while the block runs: its default
+    action would end the process. Each (what, reload) pair runs on a worker thread, in order;
+    with none, one log line says there is nothing to reload. Without a main-thread loop (an app
+    driven by a test client) there is no signal to watch."""
+    loop = asyncio.get_running_loop()
+
+    def reload_all() -> None:
+        for _, reload in reloads:
+            reload()
+
+    def on_sighup() -> None:
+        what = ", ".join(name for name, _ in reloads)
+        log.info("SIGHUP: reloading %s", what or "nothing (no API keys file is configured)")
+        if reloads:
+            loop.run_in_executor(None, reload_all)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    except (RuntimeError, ValueError, NotImplementedError):
+        log.debug("no SIGHUP handler here (not the main thread)")
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 @asynccontextmanager
@@ -50,21 +84,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings, metrics)
         app.state.service = service
-        await service.start()
-        # Start-up leaves millions of long-lived objects (the model, ONNX Runtime, imported
-        # libraries); without this every full collection walks them all and stalls the event
-        # loop for 100+ ms (seen as p99 = 10x p50). Freezing moves them out of its view.
-        gc.collect()
-        gc.freeze()
-        unwatch = keys.watch_sighup() if keys is not None else None  # SIGHUP re-reads the keys
-        try:
-            # the gRPC skin starts once the Service is ready and stops before it
-            async with _grpc_skin(service, keys):
-                yield
-        finally:
-            if unwatch is not None:
-                unwatch()
-            await service.stop()
+        # SIGHUP re-reads the keys (when there are keys), from the start-up on
+        with _sighup_reloads([("API keys", keys.reload)] if keys is not None else []):
+            await service.start()
+            # Start-up leaves millions of long-lived objects (the model, ONNX Runtime, imported
+            # libraries); without this every full collection walks them all and stalls the
+            # event loop for 100+ ms (seen as p99 = 10x p50). Freezing moves them out of its view.
+            gc.collect()
+            gc.freeze()
+            try:
+                # the gRPC skin starts once the Service is ready and stops before it
+                async with _grpc_skin(service, keys):
+                    yield
+            finally:
+                await service.stop()
 
     app = FastAPI(
         title="imgrec",

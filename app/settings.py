@@ -82,8 +82,10 @@ class Settings(BaseSettings):
                                     "first byte on a reused connection); else 408")
     body_timeout_s: float = Field(60.0, gt=0, description="the request body must arrive within "
                                   "this after its headers; else 408")
-    max_connections: int = Field(1000, ge=1, description="open connections; a new one beyond "
-                                 "it is answered 503 + Retry-After at once")
+    max_connections: int = Field(0, ge=0, description="open connections (0 = from the "
+                                 "open-file limit: at least 10,000 where the hard limit allows); "
+                                 "at the cap a new one closes the one waiting longest for its "
+                                 "request (headers, or idle), else is answered 503 + Retry-After")
     log_level: str = Field("info", description="uvicorn log level")
     access_log: bool = Field(False, description="uvicorn access log (costs CPU per request)")
     # Open Inference Protocol over gRPC (issue 14): same process, same batcher as HTTP

@@ -3,8 +3,9 @@ namespace per key.
 
 Optional: only with IMGREC_API_KEYS_FILE. The file holds one key per line; `#` starts a comment
 (a whole line or the end of one: `#` is not a bearer-token character), blank lines are ignored.
-It is re-read on SIGHUP; a file that does not load (missing, empty, a malformed line) keeps the
-keys loaded before, with a log line naming the line, never a key.
+It is re-read on SIGHUP (``reload``, called by app/main.py's handler); a file that does not load
+(missing, empty, a malformed line) keeps the keys loaded before, with a log line naming the
+line, never a key.
 
 The check is an ASGI middleware outside the fast path (app/api/fastpath.py), so it covers every
 route but those the route table (app/api/route_table.py) says are open; the Open Inference
@@ -18,13 +19,10 @@ embedding store keeps each namespace apart.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 import re
-import signal
-from collections.abc import Callable
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -120,26 +118,6 @@ class KeyRing:
         if found is None:
             raise Unauthorized("the API key is not valid", f'{REALM}, error="invalid_token"')
         return found
-
-    def watch_sighup(self) -> Callable[[], None]:
-        """Reload on SIGHUP, from the running loop (the file is read on a worker thread);
-        returns the function that removes the handler. Without a main-thread loop (an app
-        driven by a test client) there is no signal to watch."""
-        loop = asyncio.get_running_loop()
-
-        def on_sighup() -> None:
-            loop.run_in_executor(None, self.reload)
-
-        try:
-            loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        except (RuntimeError, ValueError, NotImplementedError):
-            log.debug("SIGHUP reload of API keys not available here (not the main thread)")
-            return lambda: None
-
-        def unwatch() -> None:
-            loop.remove_signal_handler(signal.SIGHUP)
-
-        return unwatch
 
 
 class ApiKeyMiddleware:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from app.model.card import ModelCard
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -21,6 +26,9 @@ class Metrics:
         self.images = Counter("imgrec_images", "images answered by route", ["route"], registry=r)
         self.queue_depth = Gauge("imgrec_queue_depth", "images waiting for the network",
                                  registry=r)
+        # the queue's bound (IMGREC_MAX_QUEUE), so that dashboards and alerts read depth/capacity
+        self.queue_capacity = Gauge("imgrec_queue_capacity", "images the queue holds before "
+                                    "503 (IMGREC_MAX_QUEUE)", registry=r)
         self.batch_size = Histogram("imgrec_batch_size", "images per forward pass",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.rejections = Counter("imgrec_rejections", "requests refused, by reason",
@@ -35,6 +43,10 @@ class Metrics:
                                              "embedding-store write time per batch",
                                              buckets=FAST_BUCKETS, registry=r)
         self.ready = Gauge("imgrec_ready", "1 when ready to serve", registry=r)
+        # Prometheus's info-metric idiom: 1 with the served model as labels (one label set)
+        self.model_info = Gauge("imgrec_model_info", "the served model: 1, with its name, "
+                                "version and weights sha256 as labels",
+                                ["name", "version", "weights_sha256"], registry=r)
         # the embedding store's outages (app/serving/store/guard.py)
         self.store_up = Gauge("imgrec_store_up", "1 while the embedding store takes writes, "
                               "0 during an outage", registry=r)
@@ -46,6 +58,13 @@ class Metrics:
                                     registry=r)
         self.store_outages = Counter("imgrec_store_outages", "embedding-store outages begun",
                                      registry=r)
+
+    def serving(self, card: ModelCard, queue_capacity: int) -> None:
+        """What this instance serves, set when the Service becomes ready (again at a model
+        switch: the previous model's label set goes)."""
+        self.model_info.clear()
+        self.model_info.labels(card.name, card.version, card.weights_sha256).set(1)
+        self.queue_capacity.set(queue_capacity)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

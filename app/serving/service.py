@@ -133,6 +133,7 @@ class Service:
         self.batcher.start()
         self.state = Lifecycle.READY
         self.metrics.ready.set(1)
+        self.metrics.serving(self.predictor.card, s.max_queue)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         log.info("ready: %s on %s", self.predictor.card.name, self.predictor.device)
 

@@ -25,10 +25,10 @@ import tritonclient.grpc as tgrpc
 import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
 import tritonclient.http.aio as thttp_aio
-import uvicorn
 from conftest import LABELS, png_bytes
 from helpers.apps import Gate, metric
-from helpers.daemons import LOOPBACK, free_port, wait_until
+from helpers.daemons import wait_until
+from helpers.oip_live import LiveServer
 from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -40,39 +40,6 @@ from app.settings import Settings
 
 MODEL = "test-fashion-small"
 CLASSES = len(LABELS)
-
-
-class LiveServer:
-    """create_app() under a real uvicorn on a thread of its own: HTTP and gRPC ports."""
-
-    def __init__(self, model_dir: Path, tmp_path: Path, **kw: Any) -> None:
-        self.port, self.grpc_port = free_port(), free_port()
-        # the torch engine: no ONNX export at each start (the protocol is under test here)
-        base: dict[str, Any] = {"model_dir": model_dir, "device": "cpu", "warmup_batches": 1,
-                                "engine": "torch", "embed_store": str(tmp_path / "emb.sqlite3"),
-                                "host": LOOPBACK, "port": self.port, "grpc_port": self.grpc_port}
-        base.update(kw)
-        self.app = create_app(Settings(**base))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=LOOPBACK, port=self.port,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"{LOOPBACK}:{self.port}"
-        self.grpc_url = f"{LOOPBACK}:{self.grpc_port}"
-
-    @property
-    def service(self) -> Service:
-        service: Service = self.app.state.service
-        return service
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        wait_until(lambda: self.server.started, 90, "the server to start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +127,7 @@ def test_health_and_metadata_over_http(http: thttp.InferenceServerClient,
         meta = http.get_model_metadata(MODEL, version)
         assert meta["name"] == MODEL and meta["versions"] == ["0"]
         assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
-            "image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, 1, 28, 28])}
+            "image": ("BYTES", [-1, 1]), "pixels": ("UINT8", [-1, 1, 28, 28])}
         assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]} == {
             "probabilities": ("FP32", [-1, CLASSES]), "embedding": ("FP32", [-1, 256])}
     with pytest.raises(InferenceServerException) as e:
@@ -183,7 +150,7 @@ def test_health_and_metadata_over_grpc(rpc: tgrpc.InferenceServerClient) -> None
     meta = rpc.get_model_metadata(MODEL, "0")
     assert meta.versions == ["0"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("image", "BYTES", [-1]), ("pixels", "UINT8", [-1, 1, 28, 28])]
+        ("image", "BYTES", [-1, 1]), ("pixels", "UINT8", [-1, 1, 28, 28])]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probabilities", "FP32", [-1, CLASSES]), ("embedding", "FP32", [-1, 256])]
     for call in (lambda: rpc.get_model_metadata("nope"), lambda: rpc.is_model_ready("nope"),

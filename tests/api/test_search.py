@@ -14,8 +14,9 @@ from conftest import png_bytes
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.serving.request_rules import MAX_FILENAME_CHARS, clean_filename
 from app.serving.store import MemoryStore, SQLiteStore
-from app.serving.store.vector_index import MAX_FILENAME_CHARS, VectorIndex, clean_filename
+from app.serving.store.vector_index import VectorIndex
 from app.settings import Settings
 
 IMAGES = [png_bytes(seed) for seed in range(12)]

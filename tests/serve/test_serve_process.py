@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import png_bytes
-from helpers.daemons import Daemon, free_port, http_status, venv_binary, wait_until
+from helpers.daemons import (
+    LOOPBACK,
+    Daemon,
+    free_port,
+    http_status,
+    start_replica,
+    venv_binary,
+    wait_until,
+)
 
 
 @pytest.fixture()
@@ -57,3 +65,27 @@ def test_sigterm_answers_every_accepted_request(server: tuple[str, subprocess.Po
     assert proc.wait(30) == 0  # a completed graceful shutdown exits with status 0
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/healthz", timeout=2)
+
+
+@pytest.mark.slow
+def test_sighup_without_api_keys_leaves_the_server_serving(tiny_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """SIGHUP is the operators' reload signal: with no keys file there is nothing to reload, and
+    its default action (ending the process) must not happen either."""
+    daemon, port = start_replica("imgrec", tmp_path, tiny_model_dir,
+                                 {"IMGREC_EMBED_STORE": "memory", "IMGREC_WARMUP_BATCHES": "1",
+                                  "IMGREC_GRPC_PORT": "0"})
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        for _ in range(2):
+            os.kill(daemon.pid, signal.SIGHUP)
+            time.sleep(0.5)
+        wait_until(lambda: daemon.tail().count("SIGHUP: reloading nothing") == 2, 20,
+                   "the SIGHUP log lines", daemon)
+        assert daemon.alive()
+        r = httpx.post(url + "/predict", files=[("file", ("a.png", png_bytes(1)))], timeout=30)
+        assert r.status_code == 200
+        assert http_status(url + "/readyz") == 200
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0  # and SIGTERM still stops it cleanly

@@ -117,3 +117,40 @@ def test_plain_redis_stores_but_cannot_search(plain_url: str, tiny_model_dir: Pa
         assert r.status_code == 501 and r.json()["error"]["code"] == "search_unavailable"
         r = c.post("/search", files=[("file", ("a.png", png_bytes(2)))])
         assert r.status_code == 501
+
+
+def test_redis_search_an_id_twice_in_one_put(search_url: str) -> None:
+    """Stored once, searched once; as young as its last occurrence when the bound evicts."""
+    store = RedisStore(search_url, max_items=2, prefix="t-twice")
+    try:
+        x = vecs(3, seed=2)
+        store.put_many(MODEL, [("a", x[0]), ("b", x[1]), ("a", x[0])], ["a.png", None, None])
+        assert store.count() == 2
+        hits = store.search(MODEL, x[0], 10)
+        assert sorted(h.id for h in hits) == ["a", "b"]
+        assert {h.id: h.filename for h in hits}["a"] == "a.png"
+        store.put_many(MODEL, [("c", x[2])])  # evicts b, the oldest
+        assert sorted(h.id for h in store.search(MODEL, x[0], 10)) == ["a", "c"]
+        assert store.filenames(MODEL, ["a", "b", "c"]) == {"a": "a.png", "c": None}
+    finally:
+        store.close()
+
+
+def test_redis_search_index_lost_is_made_again(search_url: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis restarted without persistence (or FT.DROPINDEX) loses the index, not
+    necessarily the hashes: the next search makes it again instead of failing until this
+    process restarts."""
+    store = RedisStore(search_url, max_items=10, prefix="t-lost")
+    r = redis.Redis.from_url(search_url)
+    try:
+        x = vecs(2, seed=3)
+        store.put_many(MODEL, [("a", x[0]), ("b", x[1])])
+        assert len(store.search(MODEL, x[0], 5)) == 2
+        (name,) = [n for n in r.execute_command("FT._LIST") if b"t-lost" in n]
+        r.execute_command("FT.DROPINDEX", name)  # the hashes stay
+        assert sorted(h.id for h in store.search(MODEL, x[0], 5)) == ["a", "b"]
+        assert "creating it again" in caplog.text
+    finally:
+        store.close()
+        r.close()

@@ -16,6 +16,7 @@ import redis
 from helpers.daemons import Daemon, start_redis
 
 from app.serving.store import EmbeddingStore, MemoryStore, SQLiteStore, open_store
+from app.serving.store.base import StoreFailure
 from app.serving.store.redis_store import RedisStore
 
 MODEL = "a" * 64
@@ -195,5 +196,124 @@ def test_open_store_picks_backend(tmp_path: Path, request: pytest.FixtureRequest
 def test_redis_unreachable_fails_at_open() -> None:
     from helpers.daemons import free_port
 
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(StoreFailure, match="ConnectionError") as failed:
         RedisStore(f"redis://127.0.0.1:{free_port()}/0", 5, timeout_s=1.0)
+    assert isinstance(failed.value.__cause__, redis.ConnectionError)
+
+
+# -- one call, several items under one id (issue 20: IndexError in the index, store and index
+# -- drifted apart, the guard took it for an outage) ---------------------------------------------
+def searchable(store: EmbeddingStore, model: str, dim: int = 16) -> list[str]:
+    """The ids the store's similarity search finds under model (Redis without the search
+    module: skipped by the callers)."""
+    return sorted(n.id for n in store.search(model, vec(0, dim), 100))
+
+
+def test_an_id_twice_in_one_put_is_stored_once(make_store: StoreFactory) -> None:
+    store = make_store(100)
+    first, last = vec(1), vec(2)
+    store.put_many(MODEL, [("a", first), ("b", vec(3)), ("a", last)], ["a.png", None, None])
+    assert store.count() == 2
+    got = store.get_many(MODEL, ["a", "b"])
+    np.testing.assert_array_equal(got["a"], last)  # the later vector wins, as a re-put does
+    assert store.filenames(MODEL, ["a", "b"]) == {"a": "a.png", "b": None}
+    # the same, with a fresh id that is given twice and nothing else (curl -F f=@a -F f=@a)
+    store.put_many(MODEL, [("c", vec(4)), ("c", vec(4))], ["one.png", "two.png"])
+    assert store.count() == 3
+    assert store.filenames(MODEL, ["c"]) == {"c": "two.png"}
+    if make_store.kind != "redis":  # Debian's redis-server has no search module
+        assert searchable(store, MODEL) == ["a", "b", "c"]
+        hits = {n.id: n for n in store.search(MODEL, last, 3)}
+        assert hits["a"].score == pytest.approx(1.0) and hits["a"].filename == "a.png"
+
+
+def test_an_id_twice_in_one_put_takes_one_place_in_the_bound(make_store: StoreFactory) -> None:
+    """Eviction bookkeeping: the id given twice is one entry, as young as its last occurrence."""
+    store = make_store(2)
+    store.put_many(MODEL, [("a", vec(1)), ("b", vec(2)), ("a", vec(1))])
+    assert store.count() == 2
+    store.put_many(MODEL, [("c", vec(3))])  # evicts b: a was refreshed after it
+    assert store.count() == 2
+    assert sorted(store.get_many(MODEL, ["a", "b", "c"])) == ["a", "c"]
+    if make_store.kind != "redis":
+        assert searchable(store, MODEL) == ["a", "c"]
+
+
+def test_reputs_do_not_shrink_the_bound(make_store: StoreFactory) -> None:
+    """A re-put refreshes its entry and evicts nothing: the store still holds max_items ids.
+    (SQLite evicted by "seq <= MAX(seq) - max_items", and each re-put leaves a hole in seq.)"""
+    store = make_store(3)
+    for image_id in "abc":
+        store.put_many(MODEL, [(image_id, vec(ord(image_id)))])
+    for _ in range(3):
+        store.put_many(MODEL, [("c", vec(ord("c")))])
+    assert store.count() == 3
+    assert sorted(store.get_many(MODEL, list("abc"))) == ["a", "b", "c"]
+    store.put_many(MODEL, [("d", vec(ord("d")))])  # the oldest goes: a
+    assert sorted(store.get_many(MODEL, list("abcd"))) == ["b", "c", "d"]
+    if make_store.kind != "redis":
+        assert searchable(store, MODEL) == ["b", "c", "d"]
+
+
+@pytest.mark.parametrize("make_store", ["memory", "sqlite", "redis"], indirect=True)
+def test_a_refused_put_changes_nothing(make_store: StoreFactory) -> None:
+    """Vectors the index could not take are refused before anything is written."""
+    store = make_store(10)
+    store.put_many(MODEL, [("a", vec(1))])
+    with pytest.raises(ValueError):  # ragged: one call, two lengths
+        store.put_many(MODEL, [("b", vec(2)), ("c", vec(3, dim=8))])
+    with pytest.raises(ValueError):
+        store.put_many(MODEL, [("b", vec(2))], ["b.png", "extra.png"])
+    assert store.count() == 1
+    assert sorted(store.get_many(MODEL, ["a", "b", "c"])) == ["a"]
+    if make_store.kind != "redis":
+        # another length than the key's index holds: refused, the index keeps what it had
+        with pytest.raises(ValueError):
+            store.put_many(MODEL, [("d", vec(4, dim=8))])
+        assert store.count() == 1
+        assert searchable(store, MODEL) == ["a"]
+
+
+def test_sqlite_failed_write_leaves_the_index_as_it_was(tmp_path: Path) -> None:
+    """The table and its index change together or not at all: a write that fails in SQLite
+    (here a full disk: the file capped at its page count) adds nothing to the index."""
+    store = SQLiteStore(tmp_path / "emb.sqlite3", 10)
+    try:
+        store.put_many(MODEL, [("a", vec(1))])
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StoreFailure, match="full"):
+            store.put_many(OTHER_MODEL, [(f"big{i}", vec(i, dim=4096)) for i in range(8)])
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+        assert store.count() == 1
+        assert searchable(store, MODEL) == ["a"]
+        assert searchable(store, OTHER_MODEL, dim=4096) == []
+        store.put_many(MODEL, [("b", vec(2))])
+        assert searchable(store, MODEL) == ["a", "b"]
+    finally:
+        store.close()
+
+
+def test_sqlite_bound_holds_across_reopen_and_a_lower_max_items(tmp_path: Path) -> None:
+    path = tmp_path / "emb.sqlite3"
+    store = SQLiteStore(path, 5)
+    for image_id in "abcde":
+        store.put_many(MODEL, [(image_id, vec(ord(image_id)))])
+    store.put_many(MODEL, [("e", vec(ord("e")))])
+    store.close()
+    store = SQLiteStore(path, 3)  # restarted with a lower bound: the next write enforces it
+    try:
+        store.put_many(MODEL, [("f", vec(ord("f")))])
+        assert store.count() == 3
+        assert sorted(store.get_many(MODEL, list("abcdef"))) == ["d", "e", "f"]
+        assert searchable(store, MODEL) == ["d", "e", "f"]
+    finally:
+        store.close()
+
+
+def test_filenames_only_of_stored_ids(make_store: StoreFactory) -> None:
+    store = make_store(10)
+    store.put_many(MODEL, [("a", vec(1)), ("b", vec(2))], ["a.png", None])
+    assert store.filenames(MODEL, ["a", "b", "missing"]) == {"a": "a.png", "b": None}
+    assert store.filenames(OTHER_MODEL, ["a"]) == {}
+    assert store.filenames(MODEL, []) == {}

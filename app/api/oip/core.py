@@ -11,6 +11,11 @@ it returns; the one Service does the work. The model's tensors:
 * outputs ``probabilities`` FP32 ``[N, classes]`` (softmax) and ``embedding`` FP32 ``[N, D]``;
   with the classification extension on ``probabilities``: BYTES ``[N, count]`` strings
   ``"score:index:label"``, best first.
+
+The same tensors in Triton's model configuration form (``model_config``: the model
+configuration extension, what perf_analyzer and Triton's tooling read first), with Triton's
+convention: ``max_batch_size`` > 0, so each input's and output's ``dims`` leave out the batch
+dimension (the metadata's shapes are ``[-1]`` followed by them).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from app.serving.errors import ServiceError
 from app.serving.service import ImageResult, Service, Upload
 
 if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2
+
     from app.model.card import ModelCard
 
 SERVER_NAME = "imgrec"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 IMAGE, PIXELS = "image", "pixels"
 PROBABILITIES, EMBEDDING = "probabilities", "embedding"
 OUTPUTS = (PROBABILITIES, EMBEDDING)
@@ -113,7 +120,8 @@ def model_metadata(card: ModelCard) -> dict[str, object]:
     return {
         "name": card.name, "versions": [card.version], "platform": SERVER_NAME,
         "inputs": [
-            {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+            # [N, 1], Triton's form for one encoded file per batch element ([N] is accepted too)
+            {"name": IMAGE, "datatype": "BYTES", "shape": [-1, 1]},
             {"name": PIXELS, "datatype": "UINT8",
              "shape": [-1, spec.channels, spec.size, spec.size]},
         ],
@@ -122,6 +130,63 @@ def model_metadata(card: ModelCard) -> dict[str, object]:
             {"name": EMBEDDING, "datatype": "FP32", "shape": [-1, card.embedding_dim]},
         ],
     }
+
+
+def model_config(service: Service) -> model_config_pb2.ModelConfig:
+    """The served model in Triton's ``ModelConfig`` form (model_config.proto), for both skins.
+
+    ``max_batch_size`` is what one request may carry (IMGREC_MAX_FILES): Triton's clients read
+    it as the largest batch to send, and imgrec splits a request into forward passes of
+    IMGREC_MAX_BATCH_SIZE itself (``preferred_batch_size``, the batch its batcher fills when it
+    waits). Both inputs are ``optional``: a request sends exactly one of them."""
+    from tritonclient.grpc import model_config_pb2 as mc  # also what the gRPC skin imports
+
+    card, s = service.card, service.settings
+    predictor = service.predictor
+    assert predictor is not None  # service.card refuses while there is none
+    spec = card.input
+    return mc.ModelConfig(
+        name=card.name, platform=SERVER_NAME, backend=predictor.engine.name,
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        max_batch_size=s.max_files,
+        input=[
+            # dims [1] reshaped to [], Triton's idiom for one element per batch entry
+            mc.ModelInput(name=IMAGE, data_type=mc.TYPE_STRING, dims=[1],
+                          reshape=mc.ModelTensorReshape(shape=[]), optional=True),
+            mc.ModelInput(name=PIXELS, data_type=mc.TYPE_UINT8, format=mc.ModelInput.FORMAT_NCHW,
+                          dims=[spec.channels, spec.size, spec.size], optional=True),
+        ],
+        output=[
+            mc.ModelOutput(name=PROBABILITIES, data_type=mc.TYPE_FP32, dims=[len(card.labels)]),
+            mc.ModelOutput(name=EMBEDDING, data_type=mc.TYPE_FP32, dims=[card.embedding_dim]),
+        ],
+        dynamic_batching=mc.ModelDynamicBatching(
+            preferred_batch_size=[s.max_batch_size] if s.max_batch_size <= s.max_files else [],
+            max_queue_delay_microseconds=round(s.max_wait_ms * 1000),
+            # imgrec's queue bound counts images, Triton's requests: with one image per request
+            # (perf_analyzer's default) they are the same; an image still queued at its
+            # deadline is refused (504), Triton's REJECT
+            default_queue_policy=mc.ModelQueuePolicy(
+                timeout_action=mc.ModelQueuePolicy.REJECT,
+                default_timeout_microseconds=round(s.request_timeout_ms * 1000),
+                max_queue_size=s.max_queue)),
+        instance_group=[_instance_group(card.name, str(predictor.device))],
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in (
+            ("weights_sha256", card.weights_sha256), ("engine", predictor.engine.name),
+            ("dtype", predictor.dtype), ("device", str(predictor.device)),
+            ("version", card.version))},
+    )
+
+
+def _instance_group(name: str, device: str) -> model_config_pb2.ModelInstanceGroup:
+    """One model copy on one device (README: one process, one model copy, one device)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        return mc.ModelInstanceGroup(name=name, kind=mc.ModelInstanceGroup.KIND_GPU, count=1,
+                                     gpus=[index])
+    return mc.ModelInstanceGroup(name=name, kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
 
 
 # -- wire helpers shared by the two skins -------------------------------------------------------

@@ -8,7 +8,8 @@ runs, so its requests join the very same micro-batches as HTTP's. It starts in t
 lifespan once the Service is ready and stops there: new RPCs are refused (UNAVAILABLE) once
 the Service drains, and those in flight are answered within the grace period.
 
-Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer; Triton's
+Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig (Triton's
+model configuration extension), ModelInfer; Triton's
 other RPCs (repository, shared memory, statistics...) answer UNIMPLEMENTED from the base class.
 With API keys (IMGREC_API_KEYS_FILE), ModelInfer needs ``authorization: Bearer <key>`` metadata
 (UNAUTHENTICATED otherwise) and stores vectors in that key's namespace, as HTTP does; health and
@@ -38,6 +39,7 @@ from app.api.oip.core import (
     check_model,
     from_service_error,
     infer,
+    model_config,
     model_metadata,
     serialize_bytes,
     server_metadata,
@@ -139,6 +141,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[tensor(**t) for t in meta["inputs"]],
             outputs=[tensor(**t) for t in meta["outputs"]])
+
+    @_rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        check_model(self.service, request.name, request.version or None)
+        return pb.ModelConfigResponse(config=model_config(self.service))
 
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest,

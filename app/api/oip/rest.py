@@ -10,7 +10,8 @@ fast path. Errors are the protocol's ``{"error": "..."}`` with its statuses (400
 
 Routes (each model route also under ``/v2/models/{name}/versions/{version}``):
 ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}``,
-``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``.
+``GET /v2/models/{name}/ready``, ``GET /v2/models/{name}/config`` (Triton's model configuration
+extension), ``POST /v2/models/{name}/infer``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Any
 
 import numpy as np
 import orjson
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.auth import KeyRing, Unauthorized
@@ -37,6 +41,7 @@ from app.api.oip.core import (
     check_ready,
     from_service_error,
     infer,
+    model_config,
     model_metadata,
     serialize_bytes,
     server_metadata,
@@ -152,6 +157,12 @@ async def _dispatch(scope: Scope, receive: Receive) -> Answer:
         if len(rest) < 2 or not rest[1]:
             raise OipError(404, f"no such route: {scope['path']}")
         version, rest = rest[1], rest[2:]
+    return await _model_route(scope, receive, service, name, version, rest)
+
+
+async def _model_route(scope: Scope, receive: Receive, service: Service, name: str,
+                       version: str | None, rest: list[str]) -> Answer:
+    """What follows /v2/models/{name}[/versions/{version}]."""
     if rest == []:
         _method(scope, "GET")
         return _json(200, model_metadata(check_model(service, name, version)))
@@ -160,10 +171,51 @@ async def _dispatch(scope: Scope, receive: Receive) -> Answer:
         card = check_model(service, name, version)
         check_ready(service)
         return _json(200, {"name": card.name, "ready": True})
+    if rest == ["config"]:
+        _method(scope, "GET")
+        check_model(service, name, version)
+        return _json(200, config_json(model_config(service)))
     if rest == ["infer"]:
         _method(scope, "POST")
         return await _infer(scope, receive, service, name, version)
     raise OipError(404, f"no such route: {scope['path']}")
+
+
+# -- config --------------------------------------------------------------------------------------
+_INT64 = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+
+
+def config_json(config: Message) -> dict[str, Any]:
+    """A ModelConfig as Triton's REST API answers it: the proto field names (``max_batch_size``,
+    ``data_type``), every scalar field even at its default, enums by name, and 64-bit integers
+    as JSON numbers (protobuf's JSON mapping writes them as strings; Triton turns them back,
+    and perf_analyzer reads ``dims`` as numbers)."""
+    try:
+        out = json_format.MessageToDict(config, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf < 5.26 names the option differently
+        out = json_format.MessageToDict(config, preserving_proto_field_name=True,
+                                        including_default_value_fields=True)
+    _int64_as_numbers(out, config.DESCRIPTOR)
+    return out
+
+
+def _int64_as_numbers(obj: dict[str, Any], descriptor: Descriptor) -> None:
+    for field in descriptor.fields:
+        if field.name not in obj:
+            continue
+        value = obj[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            if value_field.message_type is not None:
+                for v in value.values():
+                    _int64_as_numbers(v, value_field.message_type)
+        elif field.message_type is not None:
+            for v in value if isinstance(value, list) else [value]:
+                _int64_as_numbers(v, field.message_type)
+        elif field.cpp_type in _INT64:
+            obj[field.name] = ([int(v) for v in value] if isinstance(value, list)
+                               else int(value))
 
 
 # -- infer ---------------------------------------------------------------------------------------

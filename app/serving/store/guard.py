@@ -1,13 +1,18 @@
 """The embedding store behind a circuit breaker: a store outage never fails a prediction.
 
-Three states. UP: calls go to the store. The first call that fails (Redis gone, SQLite
-locked, full or read-only) opens the breaker, DOWN: writes are skipped at once (the vectors
-are simply not stored, and the caller is told), reads raise StoreUnavailable (the API answers
-503 with Retry-After), so no request waits for a dead store's timeout. Meanwhile one
+Three states. UP: calls go to the store. The first call that fails with the store's own
+failure (StoreFailure: Redis gone, SQLite locked, full or read-only) opens the breaker, DOWN:
+writes are skipped at once (the vectors are simply not stored, and the caller is told), reads
+raise StoreUnavailable (the API answers 503 with Retry-After), so no request waits for a dead
+store's timeout. Meanwhile one
 background thread probes the store (``ping()``, or opening it if it never opened) with
 exponential backoff and jitter. A successful probe moves to TRIAL: calls go through again; the
 first one that succeeds closes the breaker (UP), one that fails opens it again with a longer
 backoff, as part of the same outage. An outage is logged twice: when it begins and when it ends.
+
+Any other exception from a store is a bug in our code, not an outage: it is logged with its
+traceback and fails only the call that hit it (a write returns False, a read raises it on, so
+that one request answers 500); the breaker does not move, and every other call goes through.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
+from typing import TypeVar
 
 import numpy as np
 
 from app.serving.metrics import Metrics
-from app.serving.store import EmbeddingStore
+from app.serving.store.base import EmbeddingStore, StoreFailure
 from app.serving.store.vector_index import Neighbor, SearchUnavailable
 
 log = logging.getLogger("imgrec.store")
+T = TypeVar("T")
 
 
 class StoreUnavailable(Exception):
@@ -39,9 +46,10 @@ class State(Enum):
 
 
 def _describe(exc: BaseException) -> str:
-    # the exception's class and message: driver messages name the host and port, never a
-    # password (the store URL itself is never logged)
-    return f"{type(exc).__name__}: {exc}"[:300]
+    # the driver exception's class and message: driver messages name the host and port, never
+    # a password (the store URL itself is never logged)
+    cause = exc.__cause__ if isinstance(exc, StoreFailure) and exc.__cause__ else exc
+    return f"{type(cause).__name__}: {cause}"[:300]
 
 
 class GuardedStore:
@@ -62,13 +70,12 @@ class GuardedStore:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the store; when that fails, serve without it and keep trying in the background.
-        A malformed setting (ValueError) is still an error at start-up."""
+        """Open the store; when it fails (StoreFailure), serve without it and keep trying in the
+        background. Anything else, a malformed setting (ValueError) for one, is still an error
+        at start-up."""
         try:
             self.store = self._opener()
-        except ValueError:
-            raise
-        except Exception as e:
+        except StoreFailure as e:
             self._failed("open", e)
             return
         self._metrics.store_up.set(1)
@@ -91,71 +98,49 @@ class GuardedStore:
         """Store the vectors; False (and nothing raised) when they could not be stored."""
         if not items:
             return True
-        store = self.store
-        if self.state is State.DOWN or store is None:
-            self._unstored(len(items))
-            return False
         try:
-            store.put_many(key, items, filenames)
-        except Exception as e:
-            self._failed("put", e)
+            self._call("put", lambda store: store.put_many(key, items, filenames))
+        except Exception:  # StoreUnavailable, or a bug that _call has logged
             self._unstored(len(items))
             return False
-        self._succeeded()
         return True
 
     def get_many(self, key: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        store = self.store
-        if self.state is State.DOWN or store is None:
-            raise StoreUnavailable("the embedding store is unavailable")
-        try:
-            found = store.get_many(key, ids)
-        except Exception as e:
-            self._failed("get", e)
-            raise StoreUnavailable("the embedding store is unavailable") from e
-        self._succeeded()
-        return found
+        return self._call("get", lambda store: store.get_many(key, ids))
 
     def search(self, key: str, query: np.ndarray, k: int,
                exclude: str | None = None) -> list[Neighbor]:
         """The store's similarity search; a store that cannot search (SearchUnavailable) is
         not an outage."""
-        store = self.store
-        if self.state is State.DOWN or store is None:
-            raise StoreUnavailable("the embedding store is unavailable")
-        try:
-            found = store.search(key, query, k, exclude)
-        except SearchUnavailable:
-            raise
-        except Exception as e:
-            self._failed("search", e)
-            raise StoreUnavailable("the embedding store is unavailable") from e
-        self._succeeded()
-        return found
+        return self._call("search", lambda store: store.search(key, query, k, exclude))
 
     def filenames(self, key: str, ids: Sequence[str]) -> dict[str, str | None]:
-        store = self.store
-        if self.state is State.DOWN or store is None:
-            raise StoreUnavailable("the embedding store is unavailable")
-        try:
-            found = store.filenames(key, ids)
-        except Exception as e:
-            self._failed("get", e)
-            raise StoreUnavailable("the embedding store is unavailable") from e
-        self._succeeded()
-        return found
+        return self._call("get", lambda store: store.filenames(key, ids))
 
     def count(self) -> int:
+        return self._call("count", lambda store: store.count())
+
+    def _call(self, op: str, call: Callable[[EmbeddingStore], T]) -> T:
+        """One guarded call: StoreUnavailable while the breaker is open or when the store
+        fails now (which opens it); a bug's exception is logged and raised on, and leaves the
+        breaker as it was."""
         store = self.store
         if self.state is State.DOWN or store is None:
             raise StoreUnavailable("the embedding store is unavailable")
         try:
-            n = store.count()
-        except Exception as e:
-            self._failed("count", e)
+            result = call(store)
+        except StoreFailure as e:
+            self._failed(op, e)
             raise StoreUnavailable("the embedding store is unavailable") from e
+        except SearchUnavailable:
+            raise
+        except Exception:
+            self._metrics.store_errors.labels(op).inc()
+            log.exception("embedding store %s failed: a bug, not an outage (the store stays "
+                          "in use; only this call fails)", op)
+            raise
         self._succeeded()
-        return n
+        return result
 
     # -- the breaker ---------------------------------------------------------------------------
     def _unstored(self, n: int) -> None:
@@ -212,7 +197,10 @@ class GuardedStore:
                 self.store.ping()
             except Exception as e:
                 self._metrics.store_errors.labels("probe").inc()
-                log.debug("embedding store probe failed: %s", _describe(e))
+                if isinstance(e, StoreFailure):
+                    log.debug("embedding store probe failed: %s", _describe(e))
+                else:  # a bug in opening or pinging: said loudly, and probed again later
+                    log.exception("embedding store probe failed: a bug, not an outage")
                 with self._lock:
                     self._backoff_s = min(self._backoff_s * 2, self.backoff_max_s)
                 continue

@@ -80,6 +80,11 @@ class RedisSearch:
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 
+    def _knn(self, index: str, q: np.ndarray, n: int) -> Any:
+        return self._redis.execute_command(
+            "FT.SEARCH", index, f"*=>[KNN {n} @v $q AS d]", "PARAMS", 2, "q", q.tobytes(),
+            "SORTBY", "d", "ASC", "RETURN", 2, "d", "f", "LIMIT", 0, n, "DIALECT", 2)
+
     def search(self, member_prefix: bytes, query: np.ndarray, k: int,
                exclude: str | None) -> list[Neighbor]:
         if not self.available:
@@ -89,9 +94,18 @@ class RedisSearch:
             return []  # a zero vector has no direction: nothing is similar to it
         index = self.ensure_index(member_prefix, q.shape[0])
         n = k + 1 if exclude is not None else k
-        reply = self._redis.execute_command(
-            "FT.SEARCH", index, f"*=>[KNN {n} @v $q AS d]", "PARAMS", 2, "q", q.tobytes(),
-            "SORTBY", "d", "ASC", "RETURN", 2, "d", "f", "LIMIT", 0, n, "DIALECT", 2)
+        try:
+            reply = self._knn(index, q, n)
+        except redis.ResponseError as e:
+            if not _no_such_index(e):
+                raise
+            # The index is gone while its hashes may not be: a Redis restarted without
+            # persistence, a FLUSHALL, an operator's FT.DROPINDEX. Made again, over what is
+            # stored now, instead of failing every search until this process restarts.
+            log.warning("the search index %s is gone; creating it again", index)
+            self._indexes.discard(index)
+            index = self.ensure_index(member_prefix, q.shape[0])
+            reply = self._knn(index, q, n)
         strip = len(self.doc_prefix(member_prefix))
         found: list[Neighbor] = []
         for key, values in _hits(reply):
@@ -104,6 +118,11 @@ class RedisSearch:
                                   name.decode() if name else None))
         found.sort(key=lambda n: (-n.score, n.id))
         return found[:k]
+
+
+def _no_such_index(e: redis.ResponseError) -> bool:
+    message = str(e).lower()
+    return "no such index" in message or "unknown index name" in message
 
 
 def _hits(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -15,18 +15,22 @@ Writes run as one Lua script, so concurrent replicas never see a vector without 
 a re-put refreshes an entry's age atomically, and the bound holds after every call. Redis itself
 must not evict these keys on its own (run it with `maxmemory-policy noeviction`, as the compose
 file does): a memory-pressure eviction of the whole hash would silently drop every vector.
+Redis's own failures (unreachable, timeouts, loading, read-only replica, out of memory) are
+raised as StoreFailure (_is_failure); any other error reply is a bug.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from app.serving.store.base import store_failures, to_blob, unique_items
 from app.serving.store.redis_search import RedisSearch
 from app.serving.store.vector_index import Neighbor
 
@@ -73,6 +77,25 @@ return #ARGV - 1
 """
 
 
+# Redis's own failures, not our code's: unreachable, timed out, still loading its data, a
+# replica that takes no writes, out of memory (the store's "disk full"), a cluster without
+# quorum, an ACL that refuses us. Any other ResponseError (a wrong command, a script error) is
+# a bug, except these replies redis-py does not map to a class of their own:
+_FAILURES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
+             redis.exceptions.OutOfMemoryError, redis.exceptions.ClusterError,
+             redis.exceptions.TryAgainError, redis.exceptions.NoPermissionError, OSError)
+_FAILURE_REPLIES = ("MISCONF", "BUSY ", "LOADING", "MASTERDOWN", "NOREPLICAS")
+
+
+def _is_failure(e: Exception) -> bool:
+    return isinstance(e, _FAILURES) or (
+        isinstance(e, redis.ResponseError) and str(e).startswith(_FAILURE_REPLIES))
+
+
+def _failures() -> AbstractContextManager[None]:
+    return store_failures(_is_failure)
+
+
 def _member_prefix(model: str) -> bytes:
     return f"{len(model)}:{model}:".encode()
 
@@ -82,7 +105,8 @@ def _member(model: str, image_id: str) -> bytes:
 
 
 class RedisStore:
-    """A bounded (model, id) -> float32 vector map in Redis; the oldest entries are evicted."""
+    """A bounded (model, id) -> float32 vector map in Redis; the oldest entries are evicted.
+    Redis's own failures (_is_failure) are raised as StoreFailure."""
 
     def __init__(self, url: str, max_items: int, prefix: str = "imgrec",
                  timeout_s: float = 5.0) -> None:
@@ -96,7 +120,7 @@ class RedisStore:
         # pooled sockets are dead, a fresh one works) or a fail-over blip; re-running the put
         # script is harmless (it only stores the same vectors again). A timeout is not
         # retried: that would multiply the wait of a hung Redis. Longer outages are the
-        # circuit breaker's business (store_guard.py), which stops calling and probes.
+        # circuit breaker's business (guard.py), which stops calling and probes.
         self._redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             health_check_interval=30,
@@ -104,11 +128,12 @@ class RedisStore:
                         supported_errors=(redis.ConnectionError,)),
             retry_on_error=[redis.ConnectionError])
         self._put = self._redis.register_script(_PUT_SCRIPT)
-        # Fail at start-up, not at the first request, when Redis is unreachable.
-        self._redis.ping()
-        self._search = RedisSearch(self._redis, tag)
-        self._doc = self._search.doc_prefix()
-        self._migrate()
+        with _failures():
+            # Fail at start-up, not at the first request, when Redis is unreachable.
+            self._redis.ping()
+            self._search = RedisSearch(self._redis, tag)
+            self._doc = self._search.doc_prefix()
+            self._migrate()
 
     def _migrate(self, chunk: int = 500) -> None:
         """Move vectors of the old single-hash layout to per-image hashes (idempotent)."""
@@ -123,51 +148,67 @@ class RedisStore:
 
     def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
                  filenames: Sequence[str | None] | None = None) -> None:
-        if not items:
+        # each id once: the script would store a repeated one correctly too (its ZADD moves
+        # the member, ZCARD counts it once), but the stores agree on one rule, checked here
+        batch = unique_items(items, filenames)
+        if not batch.ids:
             return
-        names = filenames if filenames is not None else [None] * len(items)
-        if len(names) != len(items):
-            raise ValueError(f"{len(names)} filenames for {len(items)} vectors")
         args: list[bytes | int] = [self.max_items, self._doc]
-        for (image_id, vec), name in zip(items, names, strict=True):
-            args += [_member(model, image_id),
-                     np.ascontiguousarray(vec, dtype="<f4").tobytes(), (name or "").encode()]
-        if self._search.available:  # before the write: the index sees it as it lands
-            self._search.ensure_index(_member_prefix(model), len(items[0][1]))
-        self._put(keys=self._keys, args=args)
+        for image_id, vec, name in zip(batch.ids, batch.vectors, batch.names, strict=True):
+            args += [_member(model, image_id), to_blob(vec), (name or "").encode()]
+        with _failures():
+            if self._search.available:  # before the write: the index sees it as it lands
+                self._search.ensure_index(_member_prefix(model), len(batch.vectors[0]))
+            self._put(keys=self._keys, args=args)
 
     def get_many(self, model: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        if not ids:
-            return {}
-        members = [_member(model, i) for i in ids]
-        pipe = self._redis.pipeline(transaction=False)
-        for m in members:
-            pipe.hget(self._doc + m, "v")
-        blobs = pipe.execute()
-        missing = [n for n, b in enumerate(blobs) if not isinstance(b, bytes)]
-        if missing:  # written by an older replica in the single-hash layout
-            old = self._redis.hmget(self._keys[0], [members[n] for n in missing])
-            for n, b in zip(missing, old, strict=True):
-                blobs[n] = b
-        return {i: np.frombuffer(b, dtype="<f4")
-                for i, b in zip(ids, blobs, strict=True) if isinstance(b, bytes)}
+        with _failures():
+            if not ids:
+                return {}
+            members = [_member(model, i) for i in ids]
+            pipe = self._redis.pipeline(transaction=False)
+            for m in members:
+                pipe.hget(self._doc + m, "v")
+            blobs = pipe.execute()
+            missing = [n for n, b in enumerate(blobs) if not isinstance(b, bytes)]
+            if missing:  # written by an older replica in the single-hash layout
+                old = self._redis.hmget(self._keys[0], [members[n] for n in missing])
+                for n, b in zip(missing, old, strict=True):
+                    blobs[n] = b
+            return {i: np.frombuffer(b, dtype="<f4")
+                    for i, b in zip(ids, blobs, strict=True) if isinstance(b, bytes)}
 
     def search(self, model: str, query: np.ndarray, k: int,
                exclude: str | None = None) -> list[Neighbor]:
-        return self._search.search(_member_prefix(model), query, k, exclude)
+        with _failures():
+            return self._search.search(_member_prefix(model), query, k, exclude)
 
     def filenames(self, model: str, ids: Sequence[str]) -> dict[str, str | None]:
-        pipe = self._redis.pipeline(transaction=False)
-        for i in ids:
-            pipe.hget(self._doc + _member(model, i), "f")
-        return {i: name.decode() if isinstance(name, bytes) else None
-                for i, name in zip(ids, pipe.execute(), strict=True)}
+        with _failures():
+            if not ids:
+                return {}
+            members = [_member(model, i) for i in ids]
+            pipe = self._redis.pipeline(transaction=False)
+            for m in members:
+                pipe.exists(self._doc + m)
+                pipe.hget(self._doc + m, "f")
+            replies = pipe.execute()
+            stored, names = replies[::2], replies[1::2]
+            missing = [n for n, there in enumerate(stored) if not there]
+            if missing:  # an older replica's single-hash layout keeps no filenames
+                old = self._redis.hmget(self._keys[0], [members[n] for n in missing])
+                for n, blob in zip(missing, old, strict=True):
+                    stored[n] = isinstance(blob, bytes)
+            return {i: name.decode() if isinstance(name, bytes) else None
+                    for i, there, name in zip(ids, stored, names, strict=True) if there}
 
     def count(self) -> int:
-        return int(self._redis.zcard(self._keys[1]))
+        with _failures():
+            return int(self._redis.zcard(self._keys[1]))
 
     def ping(self) -> None:
-        self._redis.ping()
+        with _failures():
+            self._redis.ping()
 
     def close(self) -> None:
         self._redis.close()

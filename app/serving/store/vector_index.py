@@ -1,24 +1,24 @@
 """The similarity index beside the embedding store: exact cosine search, kept in step with it.
 
 The SQLite and memory stores own one ``VectorIndex`` and update it inside the same lock as their
-own writes and evictions, so the index holds exactly the vectors the store holds. It is rebuilt
+own writes and evictions, so the index holds exactly the vectors the store holds. They change
+together or not at all: ``prepare`` checks a write's vectors (unique ids, one length per store
+key) and makes room, changing nothing, before the store writes; ``apply``, once the store's
+write has committed, adds them and drops the evicted ones, and cannot fail. It is rebuilt
 from the store when the store opens (measured in BENCHMARKS.md: faster than reading a persisted
 copy would be worth, and never stale). Search is exact: one float32 matrix-vector product over
 the store key's unit vectors, then a partial sort; at the store's default bound of 200,000
 512-d vectors that is a few tens of milliseconds on one core (BENCHMARKS.md), so no approximate
-index and no recall to state. The Redis store searches in Redis itself (search_redis.py).
+index and no recall to state. The Redis store searches in Redis itself (redis_search.py).
 """
 
 from __future__ import annotations
 
 import threading
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-MAX_FILENAME_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +30,6 @@ class Neighbor:
 
 class SearchUnavailable(RuntimeError):
     """The store cannot search (a Redis server without the search module)."""
-
-
-def clean_filename(name: str | None) -> str | None:
-    """A client's filename as it may be stored and shown: no control or format characters, no
-    surrounding blanks, at most MAX_FILENAME_CHARS characters; None when nothing is left."""
-    if name is None:
-        return None
-    kept = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cf", "Cs"))
-    kept = kept.strip()[:MAX_FILENAME_CHARS]
-    return kept or None
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -59,28 +49,30 @@ class _Part:
         self.names: list[str | None] = []
         self.row: dict[str, int] = {}
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray, names: Sequence[str | None]) -> None:
-        fresh: list[int] = []
-        for i, image_id in enumerate(ids):
-            r = self.row.get(image_id)
-            if r is None:
-                fresh.append(i)
-                self.row[image_id] = len(self.ids) + len(fresh) - 1
-            else:  # a re-put: same bytes, so the same vector; the filename may be new
-                self.matrix[r] = vectors[i]
-                if names[i] is not None:
-                    self.names[r] = names[i]
-        if not fresh:
-            return
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more rows, so that adding them allocates nothing."""
         n = len(self.ids)
-        need = n + len(fresh)
+        need = n + extra
         if need > len(self.matrix):  # grow geometrically: amortised O(1) per vector
             grown = np.empty((max(need, 2 * len(self.matrix), 64), self.dim), dtype=np.float32)
             grown[:n] = self.matrix[:n]
             self.matrix = grown
-        self.matrix[n:need] = vectors[fresh]
-        self.ids += [ids[i] for i in fresh]
-        self.names += [names[i] for i in fresh]
+
+    def add(self, ids: Sequence[str], rows: np.ndarray, names: Sequence[str | None]) -> None:
+        """Unit rows under unique ids (VectorIndex.prepare checks both); a known id is a re-put:
+        its row is replaced, its filename only by a new one."""
+        self.reserve(len(ids))
+        targets = np.empty(len(ids), dtype=np.intp)
+        for n, (image_id, name) in enumerate(zip(ids, names, strict=True)):
+            r = self.row.get(image_id)
+            if r is None:
+                r = self.row[image_id] = len(self.ids)
+                self.ids.append(image_id)
+                self.names.append(name)
+            elif name is not None:
+                self.names[r] = name
+            targets[n] = r
+        self.matrix[targets] = rows
 
     def remove(self, image_id: str) -> None:
         r = self.row.pop(image_id, None)
@@ -117,6 +109,16 @@ class _Part:
                 for r in order]
 
 
+@dataclass(frozen=True, slots=True)
+class Addition:
+    """Vectors for one store key, checked and scaled to unit rows by VectorIndex.prepare."""
+
+    model: str
+    ids: tuple[str, ...]
+    rows: np.ndarray  # (len(ids), dim) float32 unit rows
+    names: tuple[str | None, ...]
+
+
 class VectorIndex:
     """Exact cosine nearest neighbours per store key. Thread-safe; every call is O(batch)
     except ``search``, which is one pass over the store key's vectors."""
@@ -125,27 +127,64 @@ class VectorIndex:
         self._parts: dict[str, _Part] = {}
         self._lock = threading.Lock()
 
-    def add(self, model: str, ids: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray],
-            names: Sequence[str | None] | None = None) -> None:
+    def prepare(self, model: str, ids: Sequence[str],
+                vectors: np.ndarray | Sequence[np.ndarray],
+                names: Sequence[str | None] | None = None) -> Addition:
+        """Check and normalise vectors for ``apply``, changing nothing: the store calls this
+        before its own write, so that a refusal (ValueError: repeated ids, ragged or mismatched
+        vectors) leaves both unchanged, and ``apply`` after the write cannot fail."""
+        names = list(names) if names is not None else [None] * len(ids)
         if not ids:
-            return
+            return Addition(model, (), np.empty((0, 0), dtype=np.float32), ())
+        if len(set(ids)) != len(ids):
+            raise ValueError("repeated ids in one addition to the index")
         rows = unit_rows(np.stack(list(vectors)) if not isinstance(vectors, np.ndarray)
                          else vectors)
+        if rows.ndim != 2 or rows.shape[1] == 0 or not len(rows) == len(ids) == len(names):
+            raise ValueError(f"{len(ids)} ids, {len(names)} names and vectors of shape "
+                             f"{rows.shape}: want one 1-d vector per id")
         with self._lock:
             part = self._parts.get(model)
-            if part is None or part.dim != rows.shape[1]:
-                part = self._parts[model] = _Part(rows.shape[1])
-            part.add(ids, rows, names if names is not None else [None] * len(ids))
+            if part is not None:
+                if part.dim != rows.shape[1]:
+                    raise ValueError(f"{rows.shape[1]}-d vectors for a store key whose index "
+                                     f"holds {part.dim}-d ones")
+                part.reserve(len(ids))
+        return Addition(model, tuple(ids), rows, tuple(names))
+
+    def apply(self, addition: Addition, evicted: Iterable[tuple[str, str]] = ()) -> None:
+        """Add what ``prepare`` checked, then drop the evicted (model, id) pairs. The store
+        calls prepare and apply under one lock of its own, so nothing changes in between."""
+        with self._lock:
+            if addition.ids:
+                part = self._parts.get(addition.model)
+                if part is None:
+                    part = self._parts[addition.model] = _Part(addition.rows.shape[1])
+                part.add(addition.ids, addition.rows, addition.names)
+            self._remove(evicted)
+
+    def add(self, model: str, ids: Sequence[str], vectors: np.ndarray | Sequence[np.ndarray],
+            names: Sequence[str | None] | None = None) -> None:
+        self.apply(self.prepare(model, ids, vectors, names))
+
+    def dim(self, model: str) -> int | None:
+        """The length of the store key's vectors, None while it has none."""
+        with self._lock:
+            part = self._parts.get(model)
+            return part.dim if part is not None else None
 
     def remove(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Drop (model, id) pairs; unknown ones are ignored."""
         with self._lock:
-            for model, image_id in pairs:
-                part = self._parts.get(model)
-                if part is not None:
-                    part.remove(image_id)
-                    if not part.ids:
-                        del self._parts[model]
+            self._remove(pairs)
+
+    def _remove(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for model, image_id in pairs:
+            part = self._parts.get(model)
+            if part is not None:
+                part.remove(image_id)
+                if not part.ids:
+                    del self._parts[model]
 
     def search(self, model: str, query: np.ndarray, k: int,
                exclude: str | None = None) -> list[Neighbor]:
