@@ -33,8 +33,8 @@ log = logging.getLogger("imgrec.index")
 
 FILES_PER_TASK = 64  # files one read+decode task takes: its block of the listing
 # rows per batch of the embedding actors (forward passes of IMGREC_MAX_BATCH_SIZE inside):
-# each batch costs the driver a fixed share of Ray Data's bookkeeping and one store write, so
-# batches of 256 rows took it 0.24 ms of CPU per image against 0.34 for 32 (BENCHMARKS.md)
+# each batch costs the driver a share of Ray Data's bookkeeping and one store write; batches
+# of 256 rows cost it 0.24 ms of CPU per image against 0.34 for 32 (BENCHMARKS.md, section 8)
 ROWS_PER_BATCH = 256
 WRITER_THREADS = 8  # store lookups the writer actor answers at once, beside its write
 
