@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,20 @@ def test_the_writer_stores_each_id_once(tmp_path: Path) -> None:
         assert writer.store.filenames("m", ["x", "y"]) == {"x": "x.png", "y": "y.png"}
     finally:
         writer.close()
+
+
+def test_the_shipped_model_directory_is_one_per_content(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    files = stages.model_files(DEFAULT_MODEL_DIR)
+    assert set(files) == {"card.json", "weights.safetensors", "model.onnx", "model.int8.onnx"}
+    first = stages.materialise(files)
+    assert stages.materialise(dict(files)) == first
+    assert (first / "model.onnx").read_bytes() == (DEFAULT_MODEL_DIR / "model.onnx").read_bytes()
+    # the same weights with another int8 graph (a re-quantisation): another directory
+    other = stages.materialise({**files, "model.int8.onnx": b"another graph"})
+    assert other != first and other.parent == first.parent == tmp_path / "imgrec-models"
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, other.name])
 
 
 def test_actors_are_sized_to_the_cluster() -> None:

@@ -154,16 +154,20 @@ def model_files(model_dir: Path) -> dict[str, bytes]:
 _materialise_lock = threading.Lock()
 
 
-def materialise(files: dict[str, bytes], weights_sha256: str) -> Path:
-    """The shipped model directory on this node: written once per node (named by its weights'
-    sha256, renamed into place whole), shared by the node's actors."""
+def materialise(files: dict[str, bytes]) -> Path:
+    """The shipped model directory on this node: written once per node and content (named by
+    a digest of every file, so a re-quantised graph of the same weights is another directory),
+    renamed into place whole, shared by the node's actors."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\0".encode())
     root = Path(tempfile.gettempdir()) / "imgrec-models"
-    final = root / weights_sha256[:16]
+    final = root / digest.hexdigest()[:24]
     with _materialise_lock:
         if final.is_dir():
             return final
         root.mkdir(parents=True, exist_ok=True)
-        part = Path(tempfile.mkdtemp(prefix=f"{weights_sha256[:16]}.", dir=root))
+        part = Path(tempfile.mkdtemp(prefix=f"{final.name}.", dir=root))
         for name, blob in files.items():
             (part / name).write_bytes(blob)
         try:
@@ -186,8 +190,7 @@ class Embedder:
         from app.model.directory import read_card
         from app.serving.predictor import Predictor
 
-        files: dict[str, bytes] = ray.get(shipped[0])
-        card_dir = materialise(files, read_card_bytes(files["card.json"]))
+        card_dir = materialise(ray.get(shipped[0]))
         self.predictor = Predictor.from_settings(settings.model_copy(
             update={"model_dir": card_dir}))
         if self.predictor.model_key != model_key:  # the driver's key is the one stored under
@@ -197,13 +200,6 @@ class Embedder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return embed(batch, self.predictor.forward, self.labels, self.batch_size)
-
-
-def read_card_bytes(card_json: bytes) -> str:
-    """The weights' sha256 a card's JSON names (the shipped directory's name)."""
-    from app.model.card import ModelCard
-
-    return ModelCard.model_validate_json(card_json).weights_sha256
 
 
 def embed(batch: pa.Table, forward: Callable[[Sequence[bytes]], list[Any]],
