@@ -11,7 +11,7 @@ USAGE = """usage: imgrec {train,evaluate,export,quantize,serve,index} [options]
   export     write a model directory's inference graph, model.onnx (imgrec export --help)
   quantize   write and measure a static int8 graph, model.int8.onnx (imgrec quantize --help)
   serve      serve a model directory over HTTP (imgrec serve --help)
-  index      embed a folder of images into the embedding store (imgrec index --help)
+  index      embed a catalogue into the embedding store, here or on Ray (imgrec index --help)
 """
 
 
