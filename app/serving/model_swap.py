@@ -156,11 +156,18 @@ class ModelSwap:
         while True:
             await asyncio.sleep(interval)
             try:
-                where = await asyncio.to_thread(fingerprint, self.settings.model_dir)
-                if where not in (self._served, self._refused):
-                    await on_change(f"{self.settings.model_dir} changed")
+                await self.check(on_change)
             except Exception:  # the watcher must outlive any one failure
                 log.exception("model directory watch failed; trying again in %g s", interval)
+
+    async def check(self, on_change: Callable[[str], Awaitable[object]]) -> bool:
+        """One poll: call ``on_change`` (and say True) when the model directory leads to
+        another directory or card than the served one, and not to the one last refused."""
+        where = await asyncio.to_thread(fingerprint, self.settings.model_dir)
+        if where in (self._served, self._refused):
+            return False
+        await on_change(f"{self.settings.model_dir} changed")
+        return True
 
     async def stop(self) -> None:
         if self._watcher is not None:
