@@ -136,7 +136,7 @@ class ModelSwap:
             self._serve(new, where)  # the switch: requests from now on take the new model
             self.metrics.serving(new.card, self.settings.max_queue)
             self.metrics.model_reloads.labels(SWITCHED).inc()
-            log.info("model switched (%s): %s -> %s from %s, loaded and warmed up in %.1f s; "
+            log.info("model switched (%s): %s -> %s from %s, loaded and warmed up in %.2f s; "
                      "vectors are keyed by model: re-index catalogues with `imgrec index`",
                      trigger, describe(old), describe(new), where.directory,
                      time.perf_counter() - started)
