@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         if top not in EXTRAS or command not in NEEDS:
             raise
         extra = NEEDS[command]
-        print(f"imgrec {command}: needs {top}, which this installation lacks; install the "
-              f"{extra} extra: pip install 'imgrec[{extra}]'", file=sys.stderr)
+        print(f"imgrec {command}: needs PyTorch and the rest of the {extra} extra, which this "
+              f"installation lacks (no module named {top!r}): pip install 'imgrec[{extra}]'",
+              file=sys.stderr)
         return 1
 
 
