@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_model_dir, png_bytes
+from conftest import LABELS, make_model_dir, png_bytes
 from helpers.apps import metric
 from prometheus_client import generate_latest
 
@@ -260,3 +260,28 @@ def test_fingerprint_follows_the_symlink(link: Path, dirs: dict[str, Path]) -> N
 def test_the_refusal_names_the_file(dirs: dict[str, Path]) -> None:
     with pytest.raises(ModelDirError, match="sha256 mismatch"):
         FakeModel(dirs["bad"])
+
+
+async def test_the_openapi_document_follows_a_switch_to_another_class_count(
+        link: Path, tmp_path: Path) -> None:
+    """top_k's maximum is the served model's class count: the cached document is rebuilt when a
+    model update changes it."""
+    from app.main import create_app
+
+    five = make_model_dir(tmp_path / "five", labels=LABELS[:5], version="five")
+    service = await started(link, Models())
+    try:
+        app = create_app(service.settings)
+        app.state.service = service  # the lifespan's part, with the fake engine
+
+        def top_k_maximum() -> int:
+            op = app.openapi()["paths"]["/predict"]["post"]
+            (top_k,) = [p for p in op["parameters"] if p["name"] == "top_k"]
+            return int(top_k["schema"]["maximum"])
+
+        assert top_k_maximum() == 10
+        point(link, five)
+        assert await service.reload_model("test") == SWITCHED
+        assert top_k_maximum() == 5
+    finally:
+        await service.stop()
