@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app.model.directory import ModelDirError
 from app.serving.request_rules import clean_filename
 from app.serving.store_key import store_key
 from app.serving.upload_checks import ImageError, prepare
@@ -78,8 +79,12 @@ def index_main(argv: list[str]) -> int:
     settings = settings.model_copy(update={
         "model_dir": args.model_dir, "embed_store": args.store, "max_batch_size": args.batch_size,
         "device": args.device, "precision": args.precision})
-    summary = run_index(args.dir, settings, shard=args.shard, namespace=args.namespace,
-                        parquet=args.parquet, progress=not args.no_progress)
+    try:
+        summary = run_index(args.dir, settings, shard=args.shard, namespace=args.namespace,
+                            parquet=args.parquet, progress=not args.no_progress)
+    except ModelDirError as e:  # names the file and the remedy (imgrec export DIR...)
+        print(f"imgrec index: {e}", file=sys.stderr)
+        return 1
     print(summary, file=sys.stderr)
     return 0
 

@@ -92,3 +92,14 @@ def test_other_missing_modules_are_not_taken_for_a_missing_extra(
     monkeypatch.setattr("app.cli._run", broken)
     with pytest.raises(ModuleNotFoundError):
         main(["export", "x"])
+
+
+@pytest.mark.usefixtures("no_torch")
+def test_indexing_with_a_directory_without_its_graph_is_one_line(
+        graphless: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    catalogue = tmp_path / "catalogue"
+    catalogue.mkdir()
+    assert main(["index", str(catalogue), "--model-dir", str(graphless), "--store", "memory",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("imgrec index: ") and f"imgrec export {graphless}" in err[-1], err
