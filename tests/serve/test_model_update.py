@@ -184,6 +184,14 @@ def test_a_model_update_under_load_loses_no_request(tmp_path: Path) -> None:
             np.testing.assert_allclose(x.embedding, expected[x.version][x.image], rtol=1e-4,
                                        atol=1e-5)
         assert served_sha(url) == sha_b and reloads(url, "switched") == 1
+        # no endpoint loads a model on a client's word: not ours, not the protocol's repository
+        # extension (Triton's load/unload), whatever the body names
+        point(link, a)
+        for path in ("/model", "/v2/repository/models/test-fashion-small/load",
+                     "/v2/repository/index"):
+            r = httpx.post(url + path, json={"parameters": {"model_dir": str(a)}}, timeout=10)
+            assert r.status_code in (404, 405), (path, r.status_code)
+        assert served_sha(url) == sha_b and reloads(url, "switched") == 1
         log = daemon.tail(20_000)
         (refusal,) = [line for line in log.splitlines() if "refused, still serving" in line]
         assert "model.onnx: sha256 mismatch" in refusal and "test-fashion-small b" in refusal
