@@ -1,19 +1,22 @@
 # syntax=docker/dockerfile:1
 # imgrec: one `imgrec serve` process (one uvicorn worker, one model copy) per container.
 #
-#   docker build -t imgrec:cpu .                                      # CPU (default)
-#   docker build -t imgrec:gpu --build-arg TORCH_VARIANT=cu128 .      # CUDA
+#   docker build -t imgrec:cpu .                                               # CPU, no PyTorch
+#   docker build -t imgrec:gpu --target gpu --build-arg TORCH_VARIANT=cu128 .  # CUDA
 #
-# The CUDA wheels carry their own CUDA runtime, so both images share the slim Python base; the
-# host needs only the NVIDIA driver and container toolkit (see docs/deploy.md).
+# Two targets over one runtime stage: `cpu` (the default, the last stage) serves with ONNX
+# Runtime and holds no PyTorch; `gpu` adds the pinned torch and torchvision of the chosen CUDA
+# variant and the rest of the train extra of pyproject.toml, so it serves with the torch engine
+# and can also train, export and quantize. The CUDA wheels carry their own CUDA runtime, so both
+# images share the slim Python base; the host needs only the NVIDIA driver and container
+# toolkit.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---- deps: the third-party packages, in a layer of their own --------------------------------
-# Only pyproject.toml is copied here, so editing the source never reinstalls torch.
+# ---- deps: what serving needs, in a layer of its own; no PyTorch --------------------------
+# Only pyproject.toml is copied here, so editing the source never reinstalls anything. The
+# dependency lists are read from it, so the pins live in one place only.
 FROM ${PYTHON_IMAGE} AS deps
-# cpu, or a CUDA build of the pinned torch (cu126, cu128, ...) from download.pytorch.org
-ARG TORCH_VARIANT=cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -21,22 +24,32 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml ./
-# torch and torchvision first, from the PyTorch index of the chosen variant (the PyPI wheels
-# would pull the CUDA libraries into a CPU image, gigabytes for nothing); then every runtime
-# dependency pyproject.toml lists, read from it so the pins live in one place only.
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
- && grep -E '^torch(vision)?==' requirements.txt > torch.txt
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        -r torch.txt \
+# requirements.txt: the dependencies; train.txt: the train extra with the extras it names
+# (imgrec[export] -> imgrec[gpu]) spelled out; torch.txt: its torch and torchvision pins.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; f = lambda e: [r for d in x[e] for r in ([q for n in d[7:-1].split(',') for q in f(n)] if d.startswith('imgrec[') else [d])]; open('requirements.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); open('train.txt', 'w').write('\n'.join(f('train')) + '\n')" \
+ && grep -E '^torch(vision)?==' train.txt > torch.txt \
  && pip install --no-cache-dir -r requirements.txt
 
-# ---- build: the imgrec package itself ---------------------------------------------------------
-FROM deps AS build
+# ---- deps-gpu: plus PyTorch, from the PyTorch index of the chosen variant -----------------
+# (PyPI's wheel would bring CUDA libraries of its own choosing; cu126, cu128, ... or cpu), then
+# the rest of the train extra (onnx, onnxscript, safetensors, matplotlib)
+FROM deps AS deps-gpu
+ARG TORCH_VARIANT=cu128
+RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
+        -r torch.txt \
+ && pip install --no-cache-dir -r train.txt
+
+# ---- build-cpu / build-gpu: the imgrec package itself ------------------------------------
+# --no-deps: everything it needs is in the layers above; this adds the package and `imgrec`.
+FROM deps AS build-cpu
 COPY app ./app
-# --no-deps: everything it needs is in the layer above; this adds the package and `imgrec`.
 RUN pip install --no-cache-dir --no-deps /src
 
-# ---- runtime ----------------------------------------------------------------------------------
+FROM deps-gpu AS build-gpu
+COPY app ./app
+RUN pip install --no-cache-dir --no-deps /src
+
+# ---- runtime: what both images are, less their virtual environment --------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="imgrec" \
       org.opencontainers.image.description="REST image recognition (pre-activation ResNet)" \
@@ -44,7 +57,6 @@ LABEL org.opencontainers.image.title="imgrec" \
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/imgrec imgrec \
  && mkdir -p /data \
  && chown imgrec:imgrec /data
-COPY --from=build /opt/venv /opt/venv
 # The shipped model; mount another directory and point IMGREC_MODEL_DIR at it to serve that.
 COPY models/fashion-mnist /opt/imgrec/models/fashion-mnist
 # Every setting is an IMGREC_* variable (docs/deploy.md). Listen on all interfaces inside the
@@ -70,6 +82,15 @@ EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('IMGREC_PORT', '8000'), timeout=4)"]
 # One process, one uvicorn worker: scale with more containers, never more workers per model.
-# SIGTERM drains (readiness off, queued work answered) before it exits.
+# SIGTERM drains (readiness off, queued work answered) before it exits; SIGHUP loads the model
+# directory anew and switches to it with no request lost.
 STOPSIGNAL SIGTERM
 CMD ["imgrec", "serve"]
+
+# ---- gpu: the runtime with PyTorch (the torch engine: CUDA, bf16; training, export) --------
+FROM runtime AS gpu
+COPY --from=build-gpu /opt/venv /opt/venv
+
+# ---- cpu: the runtime without PyTorch (ONNX Runtime); the default target ------------------
+FROM runtime AS cpu
+COPY --from=build-cpu /opt/venv /opt/venv

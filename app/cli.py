@@ -15,12 +15,33 @@ USAGE = """usage: imgrec {train,evaluate,export,quantize,serve,index} [options]
 """
 
 
+# The modules each extra brings (pyproject.toml), and the extra to install when one is missing:
+# a plain `pip install imgrec` serves and indexes, and nothing more.
+EXTRAS = {"torch": "gpu", "safetensors": "gpu", "onnx": "export", "onnxscript": "export",
+          "torchvision": "train", "matplotlib": "train"}
+NEEDS = {"train": "train", "evaluate": "train", "export": "export", "quantize": "export"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    try:
+        return _run(command, rest)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").partition(".")[0]
+        if top not in EXTRAS or command not in NEEDS:
+            raise
+        extra = NEEDS[command]
+        print(f"imgrec {command}: needs PyTorch and the rest of the {extra} extra, which this "
+              f"installation lacks (no module named {top!r}): pip install 'imgrec[{extra}]'",
+              file=sys.stderr)
+        return 1
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command == "train":
         from app.training.cli import train_main
 

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI
@@ -58,6 +58,13 @@ def _sighup_reloads(reloads: list[tuple[str, Callable[[], object]]]) -> Iterator
         loop.remove_signal_handler(signal.SIGHUP)
 
 
+def _on_loop(reload: Callable[[str], Coroutine[object, object, str]], trigger: str
+             ) -> Callable[[], str]:
+    """A coroutine of the Service as a call _sighup_reloads can make from its worker thread."""
+    loop = asyncio.get_running_loop()
+    return lambda: asyncio.run_coroutine_threadsafe(reload(trigger), loop).result()
+
+
 @asynccontextmanager
 async def _grpc_skin(service: Service, keys: KeyRing | None) -> AsyncIterator[None]:
     """The Open Inference Protocol over gRPC while the block runs; with IMGREC_GRPC_PORT=0,
@@ -84,8 +91,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings, metrics)
         app.state.service = service
-        # SIGHUP re-reads the keys (when there are keys), from the start-up on
-        with _sighup_reloads([("API keys", keys.reload)] if keys is not None else []):
+        # SIGHUP re-reads the keys (when there are keys) and loads the model directory anew
+        # (switching only to one that loads, with no request lost), from the start-up on
+        reloads: list[tuple[str, Callable[[], object]]] = (
+            [("API keys", keys.reload)] if keys is not None else [])
+        reloads.append(("the model", _on_loop(service.reload_model, "SIGHUP")))
+        with _sighup_reloads(reloads):
             await service.start()
             # Start-up leaves millions of long-lived objects (the model, ONNX Runtime, imported
             # libraries); without this every full collection walks them all and stalls the

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         "float32", description="int8 = the directory's static int8 graph with ONNX Runtime on "
         "the CPU; refused unless its card holds the graph's measured test top-1")
     warmup_batches: int = Field(2, ge=0, description="warm-up forward passes before ready")
+    # model updates (app/serving/model_swap.py): SIGHUP, or a change seen by this poll
+    model_watch_interval_s: float = Field(5.0, ge=0, description="how often to check whether "
+                                          "IMGREC_MODEL_DIR leads to another directory (a "
+                                          "symlink switched) or card, and switch to it with no "
+                                          "request lost; 0 = only on SIGHUP")
     # micro-batching
     max_batch_size: int = Field(32, ge=1, description="images per forward pass")
     max_wait_ms: float = Field(0.0, ge=0, description="hold a batch open this long for more "

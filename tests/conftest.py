@@ -24,7 +24,7 @@ LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 
 def make_model_dir(path: Path, preset: str = "fashion-small", seed: int = 0,
-                   labels: list[str] | None = None) -> Path:
+                   labels: list[str] | None = None, version: str = "0") -> Path:
     torch.manual_seed(seed)
     labels = labels or LABELS
     model = create_model(preset, len(labels), zero_init_last=False)
@@ -36,7 +36,7 @@ def make_model_dir(path: Path, preset: str = "fashion-small", seed: int = 0,
     c = model.config
     mean, std = ([0.286], [0.353]) if c.in_channels == 1 else ([0.485, 0.456, 0.406],
                                                                [0.229, 0.224, 0.225])
-    card = ModelCard(name=f"test-{preset}", version="0", preset=preset, arch=c.to_dict(),
+    card = ModelCard(name=f"test-{preset}", version=version, preset=preset, arch=c.to_dict(),
                      labels=labels, embedding_dim=model.embedding_dim,
                      input=InputSpec(size=c.input_size, channels=c.in_channels, mean=mean,
                                      std=std))

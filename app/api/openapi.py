@@ -220,14 +220,20 @@ def _validation_errors_are_errors(doc: dict[str, Any]) -> None:
 
 def install_openapi(app: FastAPI) -> None:
     """``app.openapi()`` from the routes plus the running configuration; cached once the model
-    is loaded (before that, bounds taken from the model are left out)."""
+    is loaded (before that, bounds taken from the model are left out), and built anew when a
+    model update has replaced the model (its class count bounds top_k)."""
+    built_for: list[int | None] = [None]  # the class count the cached document bounds
+
+    def classes() -> int | None:
+        predictor = getattr(getattr(app.state, "service", None), "predictor", None)
+        return None if predictor is None else len(predictor.card.labels)
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
+        if app.openapi_schema is not None and built_for[0] == classes():
             return app.openapi_schema
         doc, complete = _build(app)
         if complete:
-            app.openapi_schema = doc
+            app.openapi_schema, built_for[0] = doc, classes()
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]

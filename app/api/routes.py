@@ -20,7 +20,7 @@ from app.api.query import EMBEDDING, NORMALIZE, TOP_K
 from app.api.schemas import EmbedResponse, Health, ModelInfo, PredictResponse, Ready
 from app.serving.errors import Unavailable
 from app.serving.request_rules import MAX_LOOKUP_IDS, SHA256_ANY_CASE, unit
-from app.serving.service import Service
+from app.serving.service import Service, model_ref
 
 router = APIRouter()
 
@@ -37,7 +37,7 @@ async def predict(
     top_k = service.top_k(top_k)
     results = await service.infer(await uploads_of(request, service), namespace_of(request))
     answered(request, results)
-    labels = service.card.labels
+    labels = results[0].card.labels  # of the model that computed them (a request has one)
     out = []
     for r in results:
         probs = r.prediction.probs
@@ -50,7 +50,7 @@ async def predict(
         if embedding:
             item["embedding"] = r.prediction.embedding
         out.append(item)
-    return JSONBytes({"model": service.model_ref(), "results": out},
+    return JSONBytes({"model": service.model_ref(results), "results": out},
                      headers=stored_header(results))
 
 
@@ -66,7 +66,7 @@ async def embed(
     answered(request, results)
     out = [{"id": r.id, "embedding": unit(r.prediction.embedding) if normalize
             else r.prediction.embedding} for r in results]
-    return JSONBytes({"model": service.model_ref(), "results": out},
+    return JSONBytes({"model": service.model_ref(results), "results": out},
                      headers=stored_header(results))
 
 
@@ -84,8 +84,9 @@ async def embed_lookup(
                                                                 "pattern": SHA256_ANY_CASE}})],
     normalize: Annotated[bool, NORMALIZE.query()] = NORMALIZE.default,
 ) -> JSONBytes:
-    found = await service.lookup(id, namespace_of(request))
-    return JSONBytes({"model": service.model_ref(),
+    model = service.current_model()  # the vectors read are this model's, and named so
+    found = await service.lookup(id, namespace_of(request), model)
+    return JSONBytes({"model": model_ref(model.card),
                       "results": [{"id": i, "embedding": unit(v) if normalize else v}
                                   for i, v in found]})
 
@@ -94,9 +95,8 @@ async def embed_lookup(
             responses=errors({503: "the model is still loading"}),
             summary="The model card's facts, device, dtype and batching settings")
 async def model_info(service: ServiceDep) -> JSONBytes:
-    card, s = service.card, service.settings
-    p = service.predictor
-    assert p is not None  # service.card refuses while there is none
+    p, s = service.current_model(), service.settings  # one model, even during an update
+    card = p.card
     return JSONBytes({
         "name": card.name, "version": card.version, "description": card.description,
         "preset": card.preset, "parameters": card.parameters, "labels": card.labels,

@@ -18,6 +18,7 @@ from app.api.openapi import UPLOAD_ERRORS, errors, image_upload_body
 from app.api.query import K
 from app.api.schemas import SearchResponse
 from app.serving.request_rules import MAX_K, SHA256_ANY_CASE
+from app.serving.service import model_ref
 from app.serving.store.vector_index import Neighbor
 
 router = APIRouter()
@@ -47,7 +48,7 @@ async def search_upload(request: Request, service: ServiceDep,
                                          namespace_of(request))
     results = [r for r, _ in found]
     answered(request, results)
-    return JSONBytes({"model": service.model_ref(), "results": [
+    return JSONBytes({"model": service.model_ref(results), "results": [
         {"id": r.id, "filename": r.filename, "neighbors": _neighbors(neighbors)}
         for r, neighbors in found]}, headers=stored_header(results))
 
@@ -61,6 +62,8 @@ async def search_stored(
                              pattern=SHA256_ANY_CASE)],
     k: Annotated[int, K.query()] = K.default,
 ) -> JSONBytes:
-    image_id, filename, neighbors = await service.search_stored(id, k, namespace_of(request))
-    return JSONBytes({"model": service.model_ref(), "results": [
+    model = service.current_model()  # the stored vectors searched are this model's
+    image_id, filename, neighbors = await service.search_stored(id, k, namespace_of(request),
+                                                                model)
+    return JSONBytes({"model": model_ref(model.card), "results": [
         {"id": image_id, "filename": filename, "neighbors": _neighbors(neighbors)}]})

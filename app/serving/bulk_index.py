@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app.model.directory import ModelDirError
 from app.serving.request_rules import clean_filename
 from app.serving.store_key import store_key
 from app.serving.upload_checks import ImageError, prepare
@@ -82,8 +83,13 @@ def index_main(argv: list[str]) -> int:
         from app.serving.ray_index.cli import ray_index_main
 
         return ray_index_main(args, settings)
-    summary = run_index(Path(args.source), settings, shard=args.shard, namespace=args.namespace,
-                        parquet=args.parquet, progress=not args.no_progress)
+    try:
+        summary = run_index(Path(args.source), settings, shard=args.shard,
+                            namespace=args.namespace, parquet=args.parquet,
+                            progress=not args.no_progress)
+    except ModelDirError as e:  # names the file and the remedy (imgrec export DIR...)
+        print(f"imgrec index: {e}", file=sys.stderr)
+        return 1
     print(summary, file=sys.stderr)
     return 0
 

@@ -47,6 +47,11 @@ class Metrics:
         self.model_info = Gauge("imgrec_model_info", "the served model: 1, with its name, "
                                 "version and weights sha256 as labels",
                                 ["name", "version", "weights_sha256"], registry=r)
+        # model updates (app/serving/model_swap.py): switched, unchanged, or failed (the
+        # served model goes on; one log line says why)
+        self.model_reloads = Counter("imgrec_model_reloads", "model reloads (SIGHUP, or the "
+                                     "model directory changed), by outcome", ["outcome"],
+                                     registry=r)
         # the embedding store's outages (app/serving/store/guard.py)
         self.store_up = Gauge("imgrec_store_up", "1 while the embedding store takes writes, "
                               "0 during an outage", registry=r)

@@ -8,6 +8,7 @@ as a fallback, to export a graph at start-up for a directory that has none.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -44,9 +45,18 @@ def _gpu_may_exist() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
 
 
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here (found, not imported: that costs seconds)."""
+    return importlib.util.find_spec("torch") is not None
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         if not _gpu_may_exist():
+            return "cpu"
+        if not torch_installed():
+            log.info("an NVIDIA driver is present but PyTorch is not installed, so the model "
+                     "runs on the CPU (pip install 'imgrec[gpu]' to use the GPU)")
             return "cpu"
         from app.serving.engine_torch import cuda_available
 
@@ -91,6 +101,9 @@ class Predictor:
         if engine == "onnxruntime":
             self.engine = self._onnxruntime(root, precision, threads)
         else:
+            if not torch_installed():
+                raise RuntimeError(f"the torch engine (for {self.device}, {self.dtype}) needs "
+                                   "PyTorch, which is not installed: pip install 'imgrec[gpu]'")
             from app.serving.engine_torch import torch_engine
 
             self.engine = torch_engine(str(root), self.device, self.dtype, threads)
@@ -129,6 +142,10 @@ class Predictor:
         graph = graph_path(root, self.card, "float32")
         if graph is not None:
             return OnnxRuntimeEngine(graph, threads)
+        if not torch_installed():
+            raise ModelDirError(f"{root}: no inference graph (model.onnx), and PyTorch, which "
+                                "could export one here, is not installed; export it once "
+                                f"where the export extra is installed: imgrec export {root}")
         log.warning("%s has no inference graph (model.onnx): exporting one at start-up with "
                     "PyTorch, which then stays loaded in this process; run `imgrec export %s` "
                     "once to start in a fraction of the time and memory", root, root)
@@ -140,10 +157,26 @@ class Predictor:
         return OnnxRuntimeEngine(data, threads)
 
     def warm_up(self, batches: int, batch_size: int) -> None:
+        """Check the outputs against the card once, then run ``batches`` passes per size."""
         blank = bytes(self.image_bytes)
+        self.check_outputs(self.engine(np.zeros((1, *self.image_shape), np.uint8)))
         for n in {1, batch_size}:
             for _ in range(batches):
                 self.forward([blank] * n)
+
+    def check_outputs(self, outputs: tuple[np.ndarray, np.ndarray]) -> None:
+        """A network whose outputs are not the card's (another class count or embedding size)
+        would answer with the wrong labels: refuse it."""
+        probs, features = outputs
+        want = {"probabilities": (1, len(self.card.labels)),
+                "embedding": (1, self.card.embedding_dim)}
+        for (name, shape), got in zip(want.items(), (probs, features), strict=True):
+            if tuple(got.shape) != shape:
+                raise ModelDirError(f"the network's {name} have shape {tuple(got.shape)}, but "
+                                    f"the card says {shape} ({len(self.card.labels)} labels, "
+                                    f"embedding_dim {self.card.embedding_dim})")
+            if not np.isfinite(got).all():
+                raise ModelDirError(f"the network's {name} of a blank image are not finite")
 
     def forward(self, images: Sequence[bytes]) -> list[Prediction]:
         """Images as ``app.serving.upload_checks.prepare`` gives them (uint8 (C, size, size) bytes).

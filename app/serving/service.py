@@ -11,6 +11,10 @@ Lifecycle: ``start()`` opens the store, loads the model onto its device, runs th
 only then reports ``READY``; ``begin_drain()`` turns readiness off while requests are still
 served (the lame duck of a SIGTERM: ``DRAINING``); ``stop()`` refuses new work, answers
 everything already accepted, then ends the worker and closes the store (``STOPPED``).
+
+The model can be replaced while READY (``reload_model``, app/serving/model_swap.py): each
+request takes the served model once, when it starts, and every step of it (the decode to that
+model's input, the forward pass, the store key, the answer's model) uses that one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from app.serving.errors import (
     UnknownId,
 )
 from app.serving.metrics import Metrics
+from app.serving.model_swap import IGNORED, ModelSwap
 from app.serving.predictor import Prediction, Predictor
 from app.serving.store import open_store
 from app.serving.store.guard import GuardedStore, StoreUnavailable
@@ -72,16 +77,19 @@ class Upload:
 class ImageResult:
     id: str  # sha256 hex of the file's bytes (of the pixel bytes for decoded pixels)
     prediction: Prediction
+    card: ModelCard  # of the model that computed it (the answer names it)
+    store_key: str  # where its vector is stored: that model's key and the caller's namespace
     filename: str | None = None  # cleaned (request_rules.clean_filename)
     stored: bool = False  # its vector reached the embedding store (False during an outage)
 
 
 @dataclass(slots=True)
 class Job:
-    """What the batcher carries per image."""
+    """What the batcher carries per image: the model its request took runs it."""
 
     image_id: str
-    pixels: bytes  # uint8 (C, H, W) at the card's input size
+    pixels: bytes  # uint8 (C, H, W) at that model's input size
+    model: Predictor
     store_key: str
     filename: str | None
 
@@ -92,6 +100,11 @@ def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int,
     image_id = hashlib.sha256(data).hexdigest()
     pixels = prepare(data, spec, max_pixels, max_header_pixels)
     return image_id, pixels, time.perf_counter() - t0
+
+
+def model_ref(card: ModelCard) -> dict[str, str]:
+    """How an answer names a model: ``{"name", "version"}``."""
+    return {"name": card.name, "version": card.version}
 
 
 def all_stored(results: Sequence[ImageResult]) -> bool:
@@ -105,8 +118,7 @@ class Service:
                  ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self._load_predictor = predictor_loader
-        self.predictor: Predictor | None = None
+        self.models = ModelSwap(settings, self.metrics, predictor_loader)
         self.batcher: MicroBatcher[Job, ImageResult] | None = None
         self.store: GuardedStore | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
@@ -123,19 +135,29 @@ class Service:
             self.metrics, backoff_min_s=s.embed_store_backoff_min_s,
             backoff_max_s=s.embed_store_backoff_max_s)
         await asyncio.to_thread(self.store.start)
-        self.predictor = await asyncio.to_thread(self._load_predictor, s)
+        predictor = await self.models.load_first()
         self.batcher = MicroBatcher(
             self._forward, max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
             on_batch=self.metrics.observe_batch, finish=self._store_batch)
-        await self.batcher.on_inference_thread(self.predictor.warm_up, s.warmup_batches,
+        await self.batcher.on_inference_thread(predictor.warm_up, s.warmup_batches,
                                                s.max_batch_size)
         self.batcher.start()
         self.state = Lifecycle.READY
         self.metrics.ready.set(1)
-        self.metrics.serving(self.predictor.card, s.max_queue)
+        self.metrics.serving(predictor.card, s.max_queue)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
-        log.info("ready: %s on %s", self.predictor.card.name, self.predictor.device)
+        self.models.watch(self.reload_model)
+        log.info("ready: %s on %s", predictor.card.name, predictor.device)
+
+    async def reload_model(self, trigger: str) -> str:
+        """Replace the served model by what IMGREC_MODEL_DIR leads to now, with no request
+        lost (app/serving/model_swap.py); the outcome. Only while READY: at start-up the model
+        is still loading, and a draining service is on its way out."""
+        if self.state is not Lifecycle.READY:
+            log.info("model reload (%s) ignored: the service is %s", trigger, self.state.value)
+            return IGNORED
+        return await self.models.reload(trigger)
 
     def begin_drain(self) -> None:
         if self.state in (Lifecycle.STARTING, Lifecycle.READY):
@@ -145,6 +167,7 @@ class Service:
     async def stop(self) -> None:
         self.begin_drain()
         self.state = Lifecycle.STOPPED
+        await self.models.stop()
         if self.batcher is not None:
             await self.batcher.stop()
         if self._decode_pool is not None:
@@ -167,26 +190,37 @@ class Service:
                                 f"({self.state.value})")
 
     @property
-    def card(self) -> ModelCard:
-        """The served model's card; 503 while the model is still loading."""
-        if self.predictor is None:
+    def predictor(self) -> Predictor | None:
+        """The served model (None while it loads); a model update replaces it."""
+        return self.models.current
+
+    def current_model(self) -> Predictor:
+        """The served model now, for one request to keep; 503 while it is still loading."""
+        model = self.models.current
+        if model is None:
             raise Unavailable("the model is still loading", code="not_ready",
                               retry_after=self.settings.retry_after_s)
-        return self.predictor.card
+        return model
 
-    def model_ref(self) -> dict[str, str]:
-        """The model reference every answer carries: ``{"name", "version"}``."""
-        card = self.card
-        return {"name": card.name, "version": card.version}
+    @property
+    def card(self) -> ModelCard:
+        """The served model's card; 503 while the model is still loading."""
+        return self.current_model().card
+
+    def model_ref(self, results: Sequence[ImageResult] = ()) -> dict[str, str]:
+        """The model reference an answer carries, ``{"name", "version"}``: of the model that
+        computed ``results`` (one per request), else of the served one."""
+        card = results[0].card if results else self.card
+        return model_ref(card)
 
     def top_k(self, k: int) -> int:
         return request_rules.top_k(k, len(self.card.labels))
 
-    def store_key(self, namespace: str | None) -> str:
-        """The embedding store's key for this model and caller: vectors of another model, or
-        of another API key's namespace, are never found under it."""
-        assert self.predictor is not None
-        return store_key(self.predictor.model_key, namespace)
+    def store_key(self, namespace: str | None, model: Predictor | None = None) -> str:
+        """The embedding store's key for this model (default: the served one) and caller:
+        vectors of another model, or of another API key's namespace, are never found under
+        it."""
+        return store_key((model or self.current_model()).model_key, namespace)
 
     def _refusal(self, reason: str, code: str, message: str) -> Unavailable:
         self.metrics.rejections.labels(reason).inc()
@@ -198,18 +232,19 @@ class Service:
         """Decode in parallel off the loop, queue all images at once, await their results.
         Their vectors are stored under ``store_key(namespace)``, with the cleaned filenames."""
         self.check_accepting()
+        model = self.current_model()  # this request's, whatever a model update does meanwhile
         request_rules.image_count(len(uploads), self.settings.max_files)
-        prepared = await self._decode_all([u.data for u in uploads])
+        prepared = await self._decode_all([u.data for u in uploads], model.card.input)
         names = [request_rules.clean_filename(u.filename) for u in uploads]
-        return await self._run([Job(image_id, pixels, "", name) for (image_id, pixels), name
-                                in zip(prepared, names, strict=True)], namespace)
+        return await self._run(model, [(image_id, pixels, name) for (image_id, pixels), name
+                                       in zip(prepared, names, strict=True)], namespace)
 
-    async def _decode_all(self, uploads: list[bytes]) -> list[tuple[str, bytes]]:
-        """(id, pixels) per upload, decoded on the pool; the first bad one refuses the request
-        (naming which file it was)."""
-        assert self.predictor is not None and self._decode_pool is not None
+    async def _decode_all(self, uploads: list[bytes], spec: InputSpec) -> list[tuple[str, bytes]]:
+        """(id, pixels) per upload, decoded on the pool to ``spec``; the first bad one refuses
+        the request (naming which file it was)."""
+        assert self._decode_pool is not None
         loop = asyncio.get_running_loop()
-        s, spec = self.settings, self.predictor.card.input
+        s = self.settings
         jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec,
                                      s.max_image_pixels, s.max_image_header_pixels)
                 for data in uploads]
@@ -233,23 +268,23 @@ class Service:
         """Images the caller decoded: uint8 (N, C, H, W) at the card's input size. They join the
         same batches as uploads; an image's id is the sha256 of its (C, H, W) pixel bytes."""
         self.check_accepting()
-        assert self.predictor is not None
-        if pixels.dtype != np.uint8 or pixels.shape[1:] != self.predictor.image_shape:
+        model = self.current_model()
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != model.image_shape:
             raise BadRequest(f"pixels must be uint8 (N, "
-                             f"{', '.join(map(str, self.predictor.image_shape))}), got "
+                             f"{', '.join(map(str, model.image_shape))}), got "
                              f"{pixels.dtype} {tuple(pixels.shape)}", code="bad_pixels")
         request_rules.image_count(len(pixels), self.settings.max_files)
         images = [image.tobytes() for image in np.ascontiguousarray(pixels)]
-        return await self._run([Job(hashlib.sha256(b).hexdigest(), b, "", None)
-                                for b in images], namespace)
+        return await self._run(model, [(hashlib.sha256(b).hexdigest(), b, None)
+                                       for b in images], namespace)
 
-    async def _run(self, jobs: list[Job], namespace: str | None) -> list[ImageResult]:
-        """Queue prepared jobs at once and await their results; the one queueing path of
-        uploads and decoded pixels alike."""
+    async def _run(self, model: Predictor, images: list[tuple[str, bytes, str | None]],
+                   namespace: str | None) -> list[ImageResult]:
+        """Queue a request's (id, pixels, filename) images at once, all for ``model``, and
+        await their results; the one queueing path of uploads and decoded pixels alike."""
         assert self.batcher is not None
-        key = self.store_key(namespace)
-        for job in jobs:
-            job.store_key = key
+        key = self.store_key(namespace, model)
+        jobs = [Job(image_id, pixels, model, key, name) for image_id, pixels, name in images]
         try:
             futures = self.batcher.submit_many(jobs, self.settings.request_timeout_ms / 1000.0)
         except QueueFull as e:
@@ -270,11 +305,21 @@ class Service:
             raise InferenceFailed(f"inference failed: {e}") from None
 
     def _forward(self, jobs: list[Job]) -> list[ImageResult]:
-        """On the inference thread."""
-        assert self.predictor is not None
-        predictions = self.predictor.forward([job.pixels for job in jobs])
-        return [ImageResult(job.image_id, p, job.filename)
-                for job, p in zip(jobs, predictions, strict=True)]
+        """On the inference thread: each job on the model its request took. Right after a
+        model update a batch may hold requests of both models: one forward pass per model, so
+        that none mixes two."""
+        by_model: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_model.setdefault(id(job.model), []).append(i)
+        results: list[ImageResult | None] = [None] * len(jobs)
+        for indices in by_model.values():
+            model = jobs[indices[0]].model
+            predictions = model.forward([jobs[i].pixels for i in indices])
+            for i, p in zip(indices, predictions, strict=True):
+                job = jobs[i]
+                results[i] = ImageResult(job.image_id, p, model.card, job.store_key,
+                                         job.filename)
+        return results  # type: ignore[return-value]  # every index is filled above
 
     def _store_batch(self, jobs: list[Job], results: Sequence[ImageResult]) -> None:
         """On the batcher's finish thread, while the next batch computes: every vector goes to
@@ -296,7 +341,7 @@ class Service:
     # -- the store: lookups and search ---------------------------------------------------------
     async def _store_call(self, call: Callable[[GuardedStore], T]) -> T:
         """One hop to a worker thread for a store read; the store's refusals as the Service's."""
-        if self.store is None or self.predictor is None:
+        if self.store is None or self.models.current is None:
             raise self._refusal("not_ready", "not_ready", "the service is not ready")
         store = self.store
         try:
@@ -307,12 +352,13 @@ class Service:
             raise self._refusal("store_unavailable", "store_unavailable",
                                 "the embedding store is unavailable; retry later") from None
 
-    async def lookup(self, ids: Sequence[str], namespace: str | None = None
-                     ) -> list[tuple[str, np.ndarray]]:
-        """(id, vector) for each id, in the order asked; 404 naming the unknown ones, 422 for
-        malformed ids, 503 while the store is down."""
+    async def lookup(self, ids: Sequence[str], namespace: str | None = None,
+                     model: Predictor | None = None) -> list[tuple[str, np.ndarray]]:
+        """(id, vector) for each id, in the order asked, of ``model`` (default: the served
+        one); 404 naming the unknown ones, 422 for malformed ids, 503 while the store is down."""
         wanted = request_rules.image_ids(ids)
-        key = self.store_key(namespace) if self.predictor is not None else ""
+        model = model or self.models.current
+        key = self.store_key(namespace, model) if model is not None else ""
         found = await self._store_call(lambda store: store.get_many(key, wanted))
         unknown = [i for i in dict.fromkeys(wanted) if i not in found]
         if unknown:
@@ -326,19 +372,21 @@ class Service:
         images, never itself: one worker-thread hop for all the searches."""
         request_rules.neighbours(k)
         results = await self.infer(uploads, namespace)
-        key = self.store_key(namespace)
 
-        def run(store: GuardedStore) -> list[list[Neighbor]]:
-            return [store.search(key, r.prediction.embedding, k, r.id) for r in results]
+        def run(store: GuardedStore) -> list[list[Neighbor]]:  # in the space they were made in
+            return [store.search(r.store_key, r.prediction.embedding, k, r.id) for r in results]
 
         return list(zip(results, await self._store_call(run), strict=True))
 
-    async def search_stored(self, image_id: str, k: int, namespace: str | None = None
+    async def search_stored(self, image_id: str, k: int, namespace: str | None = None,
+                            model: Predictor | None = None
                             ) -> tuple[str, str | None, list[Neighbor]]:
-        """(id, filename, neighbours) of a stored image; 404 when it is not stored."""
+        """(id, filename, neighbours) of an image stored by ``model`` (default: the served
+        one); 404 when it is not stored."""
         request_rules.neighbours(k)
         (wanted,) = request_rules.image_ids([image_id])
-        key = self.store_key(namespace) if self.predictor is not None else ""
+        model = model or self.models.current
+        key = self.store_key(namespace, model) if model is not None else ""
 
         def run(store: GuardedStore) -> tuple[str | None, list[Neighbor]] | None:
             found = store.get_many(key, [wanted])

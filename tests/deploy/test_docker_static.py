@@ -49,6 +49,7 @@ COMPOSE_SETS = [
 @dataclass
 class Stage:
     name: str
+    base: str = ""  # the image or earlier stage it starts FROM
     instructions: list[tuple[str, str]] = field(default_factory=list)
 
     def all(self, keyword: str) -> list[str]:
@@ -80,11 +81,25 @@ def read_dockerfile(path: Path = DOCKERFILE) -> list[Stage]:
         keyword, _, arg = logical.partition(" ")
         keyword, arg, logical = keyword.upper(), arg.strip(), ""
         if keyword == "FROM":
-            words = arg.split()
-            stages.append(Stage(words[-1] if "AS" in (w.upper() for w in words) else ""))
+            words = [w for w in arg.split() if not w.startswith("--")]
+            named = len(words) == 3 and words[1].upper() == "AS"
+            stages.append(Stage(words[2] if named else "", words[0]))
         elif stages:
             stages[-1].instructions.append((keyword, arg))
     return stages
+
+
+def target(name: str, stages: list[Stage] | None = None) -> Stage:
+    """A build target as Docker builds it: its own instructions after those of the stages it
+    starts FROM."""
+    stages = stages or read_dockerfile()
+    by_name = {s.name: s for s in stages if s.name}
+    stage = by_name[name]
+    instructions = list(stage.instructions)
+    while stage.base in by_name:
+        stage = by_name[stage.base]
+        instructions = stage.instructions + instructions
+    return Stage(name, stage.base, instructions)
 
 
 def exec_form(arg: str) -> list[str]:
@@ -162,9 +177,11 @@ def test_compose_config_is_valid(files: list[str]) -> None:
     if "docker-compose.gpu.yml" in files:
         (device,) = api["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert api["build"]["target"] == "gpu"
         assert api["build"]["args"]["TORCH_VARIANT"].startswith("cu")
-    else:
-        assert api["build"]["args"]["TORCH_VARIANT"] == "cpu"
+    else:  # the serve-only image, without PyTorch
+        assert api["build"]["target"] == "cpu"
+        assert "TORCH_VARIANT" not in api["build"].get("args", {})
 
 
 def test_compose_single_publishes_8000_with_a_store_volume() -> None:
@@ -190,10 +207,12 @@ def test_compose_replicas_share_redis_behind_nginx() -> None:
 
 # ---- the Dockerfile's promises ---------------------------------------------------------------
 
-def test_dockerfile_structure() -> None:
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_dockerfile_structure(name: str) -> None:
     stages = read_dockerfile()
     assert len(stages) >= 2, "multi-stage: dependencies are built apart from the runtime"
-    runtime = stages[-1]
+    assert stages[-1].name == "cpu", "the default target is the serve-only CPU image"
+    runtime = target(name, stages)
     user = runtime.all("USER")[-1].split(":")[0]
     assert user not in ("root", "0"), "the service runs as non-root"
     assert "/readyz" in " ".join(healthcheck_cmd(runtime))
@@ -206,13 +225,17 @@ def test_dockerfile_structure() -> None:
     assert env["MALLOC_TRIM_THRESHOLD_"] == "134217728"
     assert any("models/fashion-mnist" in c and c.endswith(env["IMGREC_MODEL_DIR"])
                for c in runtime.all("COPY")), "the shipped model is in the image"
-    # dependencies in a layer before the source: editing app/ must not reinstall torch
-    flat = [(kw, arg) for s in stages for kw, arg in s.instructions]
+    # the virtual environment comes from a build stage with the dependencies installed in a
+    # layer before the source: editing app/ must not reinstall them
+    (venv,) = [a for a in runtime.all("COPY") if a.startswith("--from=")]
+    build = target(venv.split()[0].removeprefix("--from="), stages)
+    flat = build.instructions
     deps = next(i for i, (kw, arg) in enumerate(flat)
                 if kw == "RUN" and "requirements.txt" in arg and "pip install" in arg)
     source = next(i for i, (kw, arg) in enumerate(flat) if kw == "COPY" and "app" in arg.split())
     assert deps < source
-    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in " ".join(a for _, a in flat)
+    torch_index = "download.pytorch.org/whl/${TORCH_VARIANT}" in " ".join(a for _, a in flat)
+    assert torch_index == (name == "gpu"), "PyTorch is in the GPU image only"
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -264,7 +287,7 @@ def test_image_cmd_serves_with_the_dockerfile_env(tmp_path: Path, tiny_model_dir
 
     Only what the container provides differs: /opt/venv is this venv, /data a tmp dir, the
     address loopback (tests never listen beyond it) and the port a free one."""
-    runtime = read_dockerfile()[-1]
+    runtime = target("cpu")
     env = runtime.env(dict(os.environ))
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = env["PATH"].replace("/opt/venv/bin", venv_bin)

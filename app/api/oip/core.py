@@ -312,12 +312,12 @@ def classify(probs: np.ndarray, labels: Sequence[str], count: int) -> list[bytes
 
 async def infer(service: Service, inputs: Sequence[InputTensor],
                 outputs: Sequence[RequestedOutput] | None, namespace: str | None,
-                binary_default: bool = False) -> tuple[int, list[OutputTensor]]:
-    """Run the request through the Service; (images answered, the output tensors)."""
-    card = service.card
-    wanted = check_outputs(card, outputs, binary_default)
+                binary_default: bool = False) -> tuple[ModelCard, int, list[OutputTensor]]:
+    """Run the request through the Service; (the card of the model that computed the answer,
+    which a model update may have replaced meanwhile; images answered; the output tensors)."""
+    wanted = check_outputs(service.card, outputs, binary_default)
     results = await _run_inputs(service, inputs, namespace)
-    n = len(results)
+    card, n = results[0].card, len(results)
     out: list[OutputTensor] = []
     for o in wanted:
         if o.name == PROBABILITIES:
@@ -333,4 +333,4 @@ async def infer(service: Service, inputs: Sequence[InputTensor],
             emb = np.stack([r.prediction.embedding for r in results]).astype(np.float32,
                                                                             copy=False)
             out.append(OutputTensor(o.name, "FP32", list(emb.shape), emb, o.binary))
-    return n, out
+    return card, n, out

@@ -152,10 +152,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         namespace = self._namespace(context)
-        card = check_model(self.service, request.model_name, request.model_version or None)
+        check_model(self.service, request.model_name, request.model_version or None)
         inputs = _inputs(request)
         outputs = [RequestedOutput(o.name, _classification(o)) for o in request.outputs]
-        _, tensors = await infer(self.service, inputs, outputs or None, namespace)
+        card, _, tensors = await infer(self.service, inputs, outputs or None, namespace)
         response = pb.ModelInferResponse(model_name=card.name, model_version=card.version,
                                          id=request.id)
         for t in tensors:

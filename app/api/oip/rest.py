@@ -415,13 +415,14 @@ def _encode(request: dict[str, Any], name: str, version: str,
 
 async def _infer(scope: Scope, receive: Receive, service: Service, name: str,
                  version: str | None) -> Answer:
-    card = check_model(service, name, version)
+    check_model(service, name, version)
     service.check_accepting()  # before the body is read: a refusal costs no upload
     body = await _read_body(scope, receive, service.settings.max_upload_bytes)
     request, binary = _split(scope, body)
     inputs = _inputs(request, binary)
     outputs, binary_default = _outputs(request)
     state = scope["state"]
-    images, tensors = await infer(service, inputs, outputs, state["namespace"], binary_default)
+    card, images, tensors = await infer(service, inputs, outputs, state["namespace"],
+                                        binary_default)
     state["images"] = images  # read by the metrics middleware
-    return _encode(request, card.name, card.version, tensors)
+    return _encode(request, card.name, card.version, tensors)  # the model that computed them
