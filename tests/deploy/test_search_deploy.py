@@ -10,17 +10,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import png_bytes
 from helpers.daemons import (
     LOOPBACK,
     Daemon,
     http_status,
     require_binary,
+    start_nginx,
     start_redis,
     start_replica,
     wait_until,
 )
-from test_deploy import start_nginx
+from helpers.images import png_bytes
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
