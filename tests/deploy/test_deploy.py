@@ -78,12 +78,12 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, served_model_dir: Path) -> Iterator[Cluster]:
     require_binary("nginx")
     require_binary("redis-server")
     tmp = tmp_path_factory.mktemp("deploy")
     redis_daemon, url = start_redis(tmp)
-    c = Cluster(tmp, tiny_model_dir, url, daemons=[redis_daemon])
+    c = Cluster(tmp, served_model_dir, url, daemons=[redis_daemon])
     try:
         c.replicas = [c.start_replica("replica-a"), c.start_replica("replica-b")]
         nginx, c.nginx_port = start_nginx(tmp, [r.port for r in c.replicas])
