@@ -5,7 +5,7 @@ Every route in the schema is tested, with all of schemathesis's checks (5xx, und
 codes, content types and headers, response bodies against their schemas, schema-valid requests
 that are refused, schema-invalid ones that are accepted, ``Allow`` on 405, ...) over its
 examples, coverage, fuzzing (positive and negative data) and stateful phases, with a fixed seed
-and a bounded number of examples per operation. tests/schemathesis_hooks.py teaches it to make
+and a bounded number of examples per operation. tests/api/schemathesis_hooks.py teaches it to make
 real images for the upload parts' image media types.
 """
 

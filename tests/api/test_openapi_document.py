@@ -1,5 +1,5 @@
 """The OpenAPI document's facts that schemathesis found wrong, each pinned (fast; the full
-conformance run is tests/test_openapi_conformance.py)."""
+conformance run is tests/api/test_openapi_conformance.py)."""
 
 from __future__ import annotations
 
