@@ -43,6 +43,7 @@ def test_the_shipped_model_directory_is_complete() -> None:
     assert len(card.metrics["confusion_matrix"]) == 10
 
 
+@pytest.mark.slow  # 10,000 test images through `imgrec evaluate`
 def test_re_evaluation_reaches_the_top1_its_card_claims() -> None:
     out = subprocess.run([sys.executable, "-m", "app.cli", "evaluate", str(SHIPPED)],
                          capture_output=True, text=True, timeout=600, check=True)
@@ -78,6 +79,7 @@ async def test_served_predictions_are_right_and_photo_sized_uploads_agree(
     assert agreement >= 0.95, agreement
 
 
+@pytest.mark.slow  # 10,000 test images through each of the two graphs
 def test_the_shipped_model_holds_its_graphs_and_the_int8_one_is_as_accurate() -> None:
     """model.onnx and model.int8.onnx are the card's (sha256, exported from these weights), and
     the int8 graph reaches the test top-1 the card records, within 0.3 points of float32."""
