@@ -1,47 +1,30 @@
-"""Shared fixtures: small random-weight model directories made in the test itself."""
+"""Shared fixtures. What tests import lives in tests/helpers/ (images, models, settings, apps,
+daemons, waits); this file holds fixtures only."""
 
 from __future__ import annotations
 
-import io
 import os
+import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from app.model import InputSpec, ModelCard
-from app.nn import create_model, save_model_dir
+# Re-exported for the test files that still write `from conftest import ...`; new code imports
+# from helpers.images and helpers.models.
+from helpers.images import png_bytes
+from helpers.models import LABELS, make_model_dir
+from helpers.settings import make_settings
+
+from app.settings import Settings
+
+__all__ = ["LABELS", "make_model_dir", "png_bytes"]
 
 # The app serves gRPC on IMGREC_GRPC_PORT (default 8001): tests never listen on a fixed port,
-# so every app and `imgrec serve` a test starts has gRPC off unless the test gives it a free port
-# (tests/test_oip.py does).
+# so every `imgrec serve` a test starts has gRPC off unless the test gives it a free port
+# (make_settings does the same for in-process apps; tests/api/test_oip.py turns it on).
 os.environ.setdefault("IMGREC_GRPC_PORT", "0")
-
-LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-def make_model_dir(path: Path, preset: str = "fashion-small", seed: int = 0,
-                   labels: list[str] | None = None, version: str = "0") -> Path:
-    torch.manual_seed(seed)
-    labels = labels or LABELS
-    model = create_model(preset, len(labels), zero_init_last=False)
-    # random BN statistics so that outputs depend on every layer
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    c = model.config
-    mean, std = ([0.286], [0.353]) if c.in_channels == 1 else ([0.485, 0.456, 0.406],
-                                                               [0.229, 0.224, 0.225])
-    card = ModelCard(name=f"test-{preset}", version=version, preset=preset, arch=c.to_dict(),
-                     labels=labels, embedding_dim=model.embedding_dim,
-                     input=InputSpec(size=c.input_size, channels=c.in_channels, mean=mean,
-                                     std=std))
-    save_model_dir(model, card, path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +33,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("models") / "tiny")
 
 
-def png_bytes(seed: int, size: int = 28, mode: str = "L") -> bytes:
-    rng = np.random.default_rng(seed)
-    shape = (size, size) if mode == "L" else (size, size, 3)
-    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+@pytest.fixture(scope="session")
+def served_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its inference graph (model.onnx), as `imgrec export` leaves a
+    directory: what a CPU server is given in production. An app of it starts in milliseconds;
+    one of tiny_model_dir exports the graph first (seconds; tests/nn/test_graph.py tests that)."""
+    from app.nn.export import export_model_dir
+
+    served = Path(shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("models") / "served"))
+    export_model_dir(served)
+    return served
+
+
+@pytest.fixture()
+def tiny_settings(served_model_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
+    """make_settings for the served tiny model and this test's tmp_path, as in
+    ``create_app(tiny_settings(max_queue=2))``."""
+    return partial(make_settings, served_model_dir, tmp_path)

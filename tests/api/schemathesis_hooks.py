@@ -1,4 +1,4 @@
-"""schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by tests/test_openapi_conformance.py).
+"""schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by tests/api/test_openapi_conformance.py).
 
 The upload routes document their ``file`` parts as images of the media types of
 ``ALLOWED_FORMATS`` (``encoding.contentType``). schemathesis cannot make a valid image of a

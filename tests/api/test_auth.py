@@ -15,11 +15,11 @@ import pytest
 from fastapi import FastAPI
 from helpers.apps import image_id, running, upload
 from helpers.daemons import LOOPBACK, start_replica, wait_until
+from helpers.settings import make_settings
 
 from app.api.auth import KeyFileError, KeyRing, namespace_of_key, parse_keys
 from app.main import create_app
 from app.serving.service import Service
-from app.settings import Settings
 
 KEY_A = "alice-0123456789abcdef-AAAA"
 KEY_B = "bob-fedcba9876543210-BBBBBB"
@@ -35,8 +35,8 @@ def make_app(model_dir: Path, tmp_path: Path, keys: str | None) -> FastAPI:
     if keys is not None:
         keys_file = tmp_path / "keys"
         keys_file.write_text(keys)
-    return create_app(Settings(model_dir=model_dir, device="cpu", warmup_batches=1,
-                               embed_store="memory", api_keys_file=keys_file))
+    return create_app(make_settings(model_dir, tmp_path, embed_store="memory",
+                                    api_keys_file=keys_file))
 
 
 # -- the keys file -----------------------------------------------------------------------------
@@ -58,11 +58,11 @@ def test_bad_keys_file_is_refused_without_echoing_it(text: str, problem: str) ->
         assert word not in str(e.value)
 
 
-def test_bad_keys_file_stops_start_up(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_bad_keys_file_stops_start_up(served_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="no keys"):
-        make_app(tiny_model_dir, tmp_path, "# nothing yet\n")
+        make_app(served_model_dir, tmp_path, "# nothing yet\n")
     with pytest.raises(KeyFileError, match="cannot read"):
-        create_app(Settings(model_dir=tiny_model_dir, api_keys_file=tmp_path / "missing"))
+        create_app(make_settings(served_model_dir, tmp_path, api_keys_file=tmp_path / "missing"))
 
 
 def test_reload_keeps_the_old_keys_when_the_new_file_is_bad(
@@ -88,8 +88,8 @@ def test_reload_keeps_the_old_keys_when_the_new_file_is_bad(
 
 # -- the HTTP side -------------------------------------------------------------------------------
 @pytest.fixture()
-def keyed_app(tiny_model_dir: Path, tmp_path: Path) -> Iterator[FastAPI]:
-    yield make_app(tiny_model_dir, tmp_path, f"{KEY_A}\n{KEY_B}\n")
+def keyed_app(served_model_dir: Path, tmp_path: Path) -> Iterator[FastAPI]:
+    yield make_app(served_model_dir, tmp_path, f"{KEY_A}\n{KEY_B}\n")
 
 
 async def test_protected_routes_answer_401(keyed_app: FastAPI,
@@ -153,8 +153,8 @@ async def test_each_key_is_its_own_namespace(keyed_app: FastAPI) -> None:
             assert image_id(5) in service.store.get_many(service.store_key(ns), [image_id(5)])
 
 
-async def test_without_a_keys_file_nothing_changes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    app = make_app(tiny_model_dir, tmp_path, None)
+async def test_without_a_keys_file_nothing_changes(served_model_dir: Path, tmp_path: Path) -> None:
+    app = make_app(served_model_dir, tmp_path, None)
     async with running(app) as c:
         r = await c.post("/embed", files=upload(9), headers=bearer(WRONG))  # header ignored
         assert r.status_code == 200, r.text
@@ -187,11 +187,11 @@ async def test_openapi_describes_the_keys(keyed_app: FastAPI) -> None:
 
 
 @pytest.mark.slow
-def test_sighup_reloads_the_keys_of_a_running_server(tiny_model_dir: Path,
+def test_sighup_reloads_the_keys_of_a_running_server(served_model_dir: Path,
                                                      tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"# clients\n{KEY_A}\n")
-    daemon, port = start_replica("imgrec", tmp_path, tiny_model_dir,
+    daemon, port = start_replica("imgrec", tmp_path, served_model_dir,
                                  {"IMGREC_API_KEYS_FILE": str(keys),
                                   "IMGREC_EMBED_STORE": "memory",
                                   "IMGREC_WARMUP_BATCHES": "1"})

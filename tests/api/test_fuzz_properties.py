@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asgi_lifespan import LifespanManager
+from helpers.apps import running
+from helpers.settings import make_settings
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +28,6 @@ import httpx
 
 from app.main import create_app
 from app.serving.errors import ServiceError
-from app.settings import Settings
 from fuzz import corpus, targets
 
 BOUNDED = settings(max_examples=120, deadline=timedelta(seconds=5), derandomize=True,
@@ -131,43 +131,40 @@ def test_decode_seed_images_of_allowed_formats_are_accepted() -> None:
 
 # -- the HTTP app, lifespan running ------------------------------------------------------------
 @pytest.mark.slow
-async def test_http_bad_uploads_answer_4xx_json(tiny_model_dir: Path, tmp_path: Path) -> None:
-    app = create_app(Settings(model_dir=tiny_model_dir, device="cpu", warmup_batches=1,
-                              embed_store=str(tmp_path / "e.sqlite3"), max_files=4))
+async def test_http_bad_uploads_answer_4xx_json(served_model_dir: Path, tmp_path: Path) -> None:
+    app = create_app(make_settings(served_model_dir, tmp_path, max_files=4))
     ctype = "multipart/form-data; boundary=" + targets.BOUNDARY.decode()
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            loop = asyncio.get_running_loop()
+    async with running(app) as client:
+        loop = asyncio.get_running_loop()
 
-            def send(*args: Any, **kw: Any) -> httpx.Response:  # from hypothesis's thread
-                return asyncio.run_coroutine_threadsafe(client.request(*args, **kw),
-                                                        loop).result(30)
+        def send(*args: Any, **kw: Any) -> httpx.Response:  # from hypothesis's thread
+            return asyncio.run_coroutine_threadsafe(client.request(*args, **kw),
+                                                    loop).result(30)
 
-            @settings(max_examples=40, deadline=timedelta(seconds=20), derandomize=True,
-                      database=None, suppress_health_check=[HealthCheck.too_slow])
-            @given(path=st.sampled_from(["/predict", "/embed"]),
-                   body=st.one_of(mutated(BODIES), st.binary(max_size=500),
-                                  st.builds(lambda d: corpus.part("file", d, "f") +
-                                            b"--" + targets.BOUNDARY + b"--\r\n",
-                                            mutated(IMAGES))),
-                   query=st.sampled_from(["", "top_k=3", "embedding=true", "top_k=", "top_k=x",
-                                          "normalize=1", "top_k=99"]))
-            def check(path: str, body: bytes, query: str) -> None:
-                r = send("POST", f"{path}?{query}", content=body,
-                         headers={"content-type": ctype})
-                assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code,
-                                                                             r.text)
-                if r.status_code != 200:
-                    err = r.json()["error"]
-                    assert set(err) == {"code", "message"} and err["code"] and err["message"]
-                else:
-                    assert r.json()["results"]
+        @settings(max_examples=40, deadline=timedelta(seconds=20), derandomize=True,
+                  database=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(path=st.sampled_from(["/predict", "/embed"]),
+               body=st.one_of(mutated(BODIES), st.binary(max_size=500),
+                              st.builds(lambda d: corpus.part("file", d, "f") +
+                                        b"--" + targets.BOUNDARY + b"--\r\n",
+                                        mutated(IMAGES))),
+               query=st.sampled_from(["", "top_k=3", "embedding=true", "top_k=", "top_k=x",
+                                      "normalize=1", "top_k=99"]))
+        def check(path: str, body: bytes, query: str) -> None:
+            r = send("POST", f"{path}?{query}", content=body,
+                     headers={"content-type": ctype})
+            assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code,
+                                                                         r.text)
+            if r.status_code != 200:
+                err = r.json()["error"]
+                assert set(err) == {"code", "message"} and err["code"] and err["message"]
+            else:
+                assert r.json()["results"]
 
-            await asyncio.to_thread(check)
-            assert (await client.get("/readyz")).status_code == 200
-            ok = await client.post("/predict", files=[("file", ("a.png", IMAGES["png-L-8x8"]))])
-            assert ok.status_code == 200
+        await asyncio.to_thread(check)
+        assert (await client.get("/readyz")).status_code == 200
+        ok = await client.post("/predict", files=[("file", ("a.png", IMAGES["png-L-8x8"]))])
+        assert ok.status_code == 200
 
 
 # -- regression tests: what atheris found ------------------------------------------------------

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import io
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,10 +24,11 @@ import tritonclient.grpc as tgrpc
 import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
 import tritonclient.http.aio as thttp_aio
-from conftest import LABELS, png_bytes
-from helpers.apps import Gate, metric
-from helpers.daemons import wait_until
-from helpers.oip_live import LiveServer
+from helpers.apps import Gate, LiveServer, metric, running
+from helpers.daemons import LOOPBACK, free_port, wait_until
+from helpers.images import png_bytes
+from helpers.models import LABELS
+from helpers.settings import make_settings
 from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -36,15 +36,15 @@ from tritonclient.utils import InferenceServerException
 
 from app.main import create_app
 from app.serving.service import Service
-from app.settings import Settings
 
 MODEL = "test-fashion-small"
 CLASSES = len(LABELS)
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with LiveServer(tiny_model_dir, tmp_path_factory.mktemp("oip")) as server:
+def live(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[LiveServer]:
+    with LiveServer(served_model_dir, tmp_path_factory.mktemp("oip")) as server:
         yield server
 
 
@@ -453,19 +453,20 @@ async def test_64_concurrent_infers_share_batches_and_agree_with_predict(
 
 
 # -- overload, deadlines, draining -----------------------------------------------------------------
-def test_overload_deadline_and_drain(tiny_model_dir: Path, tmp_path: Path,
+def test_overload_deadline_and_drain(served_model_dir: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch)
-    with LiveServer(tiny_model_dir, tmp_path, max_queue=2, max_files=2, max_batch_size=1,
+    with LiveServer(served_model_dir, tmp_path, max_queue=2, max_files=2, max_batch_size=1,
                     request_timeout_ms=1500, retry_after_s=3, embed_store="memory") as live:
         http = thttp.InferenceServerClient(live.url)
         rpc = tgrpc.InferenceServerClient(live.grpc_url)
-        gate.open.clear()
+        gate.close()
         # one image blocked in the network, two waiting: the queue is full
         first = ThreadPoolExecutor(1)
-        running = first.submit(thttp.InferenceServerClient(live.url).infer, MODEL,
+        blocked = first.submit(thttp.InferenceServerClient(live.url).infer, MODEL,
                                [http_image_input([png_bytes(1)])])
-        time.sleep(0.5)
+        wait_until(lambda: gate.held == 1, 20, "the first image to be held in the network",
+                   interval_s=0.01)
         batcher = live.service.batcher
         assert batcher is not None and batcher.depth == 0  # taken by the worker, blocked
         errors: list[Any] = []
@@ -494,11 +495,12 @@ def test_overload_deadline_and_drain(tiny_model_dir: Path, tmp_path: Path,
         assert [str(err.status()) for err in errors] == [str(grpc.StatusCode.DEADLINE_EXCEEDED)] * 2
         gate.open.set()
         try:  # answered: its own deadline may have passed while it ran, either is fine
-            assert running.result(10).as_numpy("probabilities").shape == (1, CLASSES)
+            assert blocked.result(10).as_numpy("probabilities").shape == (1, CLASSES)
         except InferenceServerException as late:
             assert late.status() == "504"
-        wait_until(lambda: gate.images == 1, 5, "the first image's forward pass")
-        time.sleep(0.2)
+        # the worker takes the two expired images off the queue and drops them
+        wait_until(lambda: batcher.stats.expired == 2 and batcher.depth == 0, 20,
+                   "the expired images to be dropped", interval_s=0.01)
         assert gate.images == 1  # the expired images never reached the network
         # draining: readiness off at once on both protocols, while the lame duck still
         # answers inference (the Service decides; the protocols only translate)
@@ -512,42 +514,44 @@ def test_overload_deadline_and_drain(tiny_model_dir: Path, tmp_path: Path,
         first.shutdown()
 
 
-def test_grpc_port_zero_turns_grpc_off(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with LiveServer(tiny_model_dir, tmp_path, grpc_port=0) as live:
+def test_grpc_port_zero_turns_grpc_off(served_model_dir: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.api.oip import grpc_server
+
+    async def never(*args: Any) -> None:
+        raise AssertionError("the gRPC server was started")
+
+    monkeypatch.setattr(grpc_server, "start_grpc", never)
+    with LiveServer(served_model_dir, tmp_path, grpc_port=0) as live:
         assert thttp.InferenceServerClient(live.url).is_server_live()
-        rpc = tgrpc.InferenceServerClient(live.grpc_url)
+        rpc = tgrpc.InferenceServerClient(f"{LOOPBACK}:{free_port()}")
         with pytest.raises(InferenceServerException):
             rpc.is_server_live(client_timeout=2)
         rpc.close()
 
 
-async def test_rest_infer_stores_vectors_in_the_callers_namespace(tiny_model_dir: Path,
+async def test_rest_infer_stores_vectors_in_the_callers_namespace(served_model_dir: Path,
                                                                   tmp_path: Path) -> None:
     """The OIP skin checks the API key itself and stores under that key's namespace (the
     Service's store key), not the default one."""
-    from asgi_lifespan import LifespanManager
-
     from app.api.auth import namespace_of_key
     from app.serving.errors import UnknownId
 
     key = "tenant-a-key-0123456789"
     keys = tmp_path / "keys"
     keys.write_text(key + "\n")
-    app = create_app(Settings(model_dir=tiny_model_dir, device="cpu", engine="torch",
-                              warmup_batches=1, embed_store="memory", grpc_port=0,
-                              api_keys_file=keys))
+    app = create_app(make_settings(served_model_dir, tmp_path, embed_store="memory",
+                                   api_keys_file=keys))
     blob = png_bytes(70)
     header = (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], '
               b'"parameters": {"binary_data_size": %d}}]}' % (4 + len(blob)))
-    async with LifespanManager(app, startup_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            body = header + len(blob).to_bytes(4, "little") + blob
-            refused = await c.post(f"/v2/models/{MODEL}/infer", content=body,
-                                   headers={"Inference-Header-Content-Length": str(len(header))})
-            r = await c.post(f"/v2/models/{MODEL}/infer", content=body,
-                             headers={"Inference-Header-Content-Length": str(len(header)),
-                                      "Authorization": f"Bearer {key}"})
+    async with running(app) as c:
+        body = header + len(blob).to_bytes(4, "little") + blob
+        refused = await c.post(f"/v2/models/{MODEL}/infer", content=body,
+                               headers={"Inference-Header-Content-Length": str(len(header))})
+        r = await c.post(f"/v2/models/{MODEL}/infer", content=body,
+                         headers={"Inference-Header-Content-Length": str(len(header)),
+                                  "Authorization": f"Bearer {key}"})
         assert refused.status_code == 401 and "error" in refused.json()
         assert refused.headers["www-authenticate"].startswith("Bearer")
         assert r.status_code == 200, r.text
@@ -559,13 +563,13 @@ async def test_rest_infer_stores_vectors_in_the_callers_namespace(tiny_model_dir
             await service.lookup([image_id])
 
 
-def test_api_keys_guard_inference_on_both_protocols(tiny_model_dir: Path,
+def test_api_keys_guard_inference_on_both_protocols(served_model_dir: Path,
                                                     tmp_path: Path) -> None:
     key = "oip-test-key-0123456789"
     keys_file = tmp_path / "keys"
     keys_file.write_text(key + "\n")
     blob = png_bytes(80)
-    with LiveServer(tiny_model_dir, tmp_path, api_keys_file=keys_file,
+    with LiveServer(served_model_dir, tmp_path, api_keys_file=keys_file,
                     embed_store="memory") as live:
         http = thttp.InferenceServerClient(live.url)
         rpc = tgrpc.InferenceServerClient(live.grpc_url)

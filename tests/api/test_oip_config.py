@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import io
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,11 +24,11 @@ import httpx
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
-from conftest import LABELS, png_bytes
 from google.protobuf import json_format
-from helpers.apps import metric, running
+from helpers.apps import LiveServer, metric, running
 from helpers.daemons import in_ci
-from helpers.oip_live import LiveServer
+from helpers.images import encode, png_bytes
+from helpers.models import LABELS
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
@@ -41,8 +41,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with LiveServer(tiny_model_dir, tmp_path_factory.mktemp("oip-config")) as server:
+def live(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[LiveServer]:
+    # the torch engine, so that the configuration's backend is checked as a non-default one
+    with LiveServer(served_model_dir, tmp_path_factory.mktemp("oip-config"),
+                    engine="torch") as server:
         yield server
 
 
@@ -72,7 +75,7 @@ def test_http_config_is_tritons_model_config(http: thttp.InferenceServerClient,
     for version in ("", "0"):
         config = http.get_model_config(MODEL, version)
         assert config["name"] == MODEL and config["platform"] == "imgrec"
-        assert config["backend"] == "torch"  # LiveServer runs the torch engine
+        assert config["backend"] == "torch"  # the engine this server runs
         # Triton's convention: max_batch_size > 0, dims without the batch dimension
         assert config["max_batch_size"] == s.max_files == 32
         image, pixels = config["input"]
@@ -134,11 +137,10 @@ def test_unknown_model_or_version_is_not_found(http: thttp.InferenceServerClient
     assert 'route="GET /v2/models/{name}/config",status="404"' in text
 
 
-async def test_config_follows_the_settings(tiny_model_dir: Path) -> None:
-    app = create_app(Settings(model_dir=tiny_model_dir, device="cpu", engine="torch",
-                              embed_store="memory", warmup_batches=0, max_files=8,
-                              max_batch_size=16, max_wait_ms=2.5, max_queue=100,
-                              request_timeout_ms=750))
+async def test_config_follows_the_settings(tiny_settings: Callable[..., Settings]) -> None:
+    app = create_app(tiny_settings(embed_store="memory", warmup_batches=0, max_files=8,
+                                   max_batch_size=16, max_wait_ms=2.5, max_queue=100,
+                                   request_timeout_ms=750))
     async with running(app) as c:
         config = (await c.get(f"/v2/models/{MODEL}/versions/0/config")).json()
     assert config["max_batch_size"] == 8  # a request's images (IMGREC_MAX_FILES)
@@ -164,9 +166,7 @@ def bench_module() -> ModuleType:
 
 
 def jpeg_bytes(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.open(io.BytesIO(png_bytes(seed))).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return encode(Image.open(io.BytesIO(png_bytes(seed))), "JPEG", quality=90)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ Every route in the schema is tested, with all of schemathesis's checks (5xx, und
 codes, content types and headers, response bodies against their schemas, schema-valid requests
 that are refused, schema-invalid ones that are accepted, ``Allow`` on 405, ...) over its
 examples, coverage, fuzzing (positive and negative data) and stateful phases, with a fixed seed
-and a bounded number of examples per operation. tests/schemathesis_hooks.py teaches it to make
+and a bounded number of examples per operation. tests/api/schemathesis_hooks.py teaches it to make
 real images for the upload parts' image media types.
 """
 
@@ -36,11 +36,11 @@ def schemathesis_argv(url: str, report_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+def live_server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[tuple[str, Daemon]]:
     tmp = tmp_path_factory.mktemp("schemathesis-server")
     port = free_port()
-    env = {**os.environ, "IMGREC_MODEL_DIR": str(tiny_model_dir), "IMGREC_DEVICE": "cpu",
+    env = {**os.environ, "IMGREC_MODEL_DIR": str(served_model_dir), "IMGREC_DEVICE": "cpu",
            "IMGREC_PORT": str(port), "IMGREC_EMBED_STORE": str(tmp / "e.sqlite3"),
            "IMGREC_LOG_LEVEL": "warning"}
     d = Daemon("imgrec", [venv_binary("imgrec"), "serve"], tmp, env=env)

@@ -1,28 +1,33 @@
 """The OpenAPI document's facts that schemathesis found wrong, each pinned (fast; the full
-conformance run is tests/test_openapi_conformance.py)."""
+conformance run is tests/api/test_openapi_conformance.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from conftest import png_bytes
-from fastapi.testclient import TestClient
+import pytest_asyncio
+from helpers.apps import running
+from helpers.images import png_bytes
+from helpers.settings import make_settings
 
 from app.api.openapi import image_media_types, media_type_formats
 from app.main import create_app
 from app.serving.upload_checks import ALLOWED_FORMATS
-from app.settings import Settings
+
+# one app for the module: its tests and its fixture share the module's event loop
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+Client = httpx.AsyncClient
 
 
-@pytest.fixture(scope="module")
-def client(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[TestClient]:
-    s = Settings(model_dir=tiny_model_dir, device="cpu", warmup_batches=1, max_files=7,
-                 embed_store=str(tmp_path_factory.mktemp("doc") / "e.sqlite3"))
-    with TestClient(create_app(s)) as c:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> AsyncIterator[Client]:
+    s = make_settings(served_model_dir, tmp_path_factory.mktemp("doc"), max_files=7)
+    async with running(create_app(s)) as c:
         yield c
 
 
@@ -36,8 +41,8 @@ def resolve(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     return resolve(doc, out)
 
 
-def test_uploads_are_required_images_within_max_files(client: TestClient) -> None:
-    doc = client.get("/openapi.json").json()
+async def test_uploads_are_required_images_within_max_files(client: Client) -> None:
+    doc = (await client.get("/openapi.json")).json()
     assert set(media_type_formats().values()) == ALLOWED_FORMATS
     for path in ("/predict", "/embed"):
         body = doc["paths"][path]["post"]["requestBody"]
@@ -51,8 +56,8 @@ def test_uploads_are_required_images_within_max_files(client: TestClient) -> Non
         assert types == image_media_types() and "image/png" in types and "image/jpeg" in types
 
 
-def test_every_error_status_has_the_error_body(client: TestClient) -> None:
-    doc = client.get("/openapi.json").json()
+async def test_every_error_status_has_the_error_body(client: Client) -> None:
+    doc = (await client.get("/openapi.json")).json()
     error = doc["components"]["schemas"]["Error"]
     assert error["required"] == ["error"]
     assert set(resolve(doc, error["properties"]["error"])["required"]) == {"code", "message"}
@@ -74,39 +79,39 @@ def test_every_error_status_has_the_error_body(client: TestClient) -> None:
     assert {"400", "413", "415", "422", "503", "504"} <= set(predict)
 
 
-def test_top_k_bounded_by_the_models_classes(client: TestClient) -> None:
-    doc = client.get("/openapi.json").json()
+async def test_top_k_bounded_by_the_models_classes(client: Client) -> None:
+    doc = (await client.get("/openapi.json")).json()
     top_k = next(p for p in doc["paths"]["/predict"]["post"]["parameters"]
                  if p["name"] == "top_k")
     assert (top_k["schema"]["minimum"], top_k["schema"]["maximum"]) == (1, 10)
     png = [("file", ("a.png", png_bytes(0)))]
-    assert client.post("/predict?top_k=10", files=png).status_code == 200
+    assert (await client.post("/predict?top_k=10", files=png)).status_code == 200
     for bad in ("11", "0", "", "1_0", " 5", "\u0665", "5.0"):
-        r = client.post("/predict", params={"top_k": bad}, files=png)
+        r = await client.post("/predict", params={"top_k": bad}, files=png)
         assert r.status_code == 422, bad
 
 
-def test_metrics_is_prometheus_text(client: TestClient) -> None:
-    doc = client.get("/openapi.json").json()
+async def test_metrics_is_prometheus_text(client: Client) -> None:
+    doc = (await client.get("/openapi.json")).json()
     documented = set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"])
-    r = client.get("/metrics")
+    r = await client.get("/metrics")
     assert documented == {r.headers["content-type"]} == {"text/plain; version=0.0.4; charset=utf-8"}
 
 
-def test_allow_names_every_method_of_the_path(client: TestClient) -> None:
+async def test_allow_names_every_method_of_the_path(client: Client) -> None:
     for method, path, allow in (("OPTIONS", "/embed", "GET, POST"), ("PUT", "/embed", "GET, POST"),
                                 ("GET", "/predict", "POST"), ("DELETE", "/healthz", "GET")):
-        r = client.request(method, path)
+        r = await client.request(method, path)
         assert (r.status_code, r.headers["allow"]) == (405, allow), (method, path)
         assert r.json()["error"]["code"] == "method_not_allowed"
 
 
-def test_embed_lookup_bounds(client: TestClient) -> None:
-    doc = client.get("/openapi.json").json()
+async def test_embed_lookup_bounds(client: Client) -> None:
+    doc = (await client.get("/openapi.json")).json()
     param = next(p for p in doc["paths"]["/embed"]["get"]["parameters"] if p["name"] == "id")
     assert param["required"] is True
     assert (param["schema"]["minItems"], param["schema"]["maxItems"]) == (1, 100)
     assert param["schema"]["items"]["pattern"] == "^[0-9a-fA-F]{64}$"
-    assert client.get("/embed", params={"id": ["A" * 64] * 100}).status_code == 404
-    assert client.get("/embed", params={"id": ["a" * 64] * 101}).status_code == 422
-    assert client.get("/embed", params={"id": ""}).status_code == 422
+    assert (await client.get("/embed", params={"id": ["A" * 64] * 100})).status_code == 404
+    assert (await client.get("/embed", params={"id": ["a" * 64] * 101})).status_code == 422
+    assert (await client.get("/embed", params={"id": ""})).status_code == 422

@@ -4,58 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from asgi_lifespan import LifespanManager
-from conftest import png_bytes
-from fastapi.testclient import TestClient
 from helpers.apps import Gate, metric, running
+from helpers.images import encode, png_bytes
+from helpers.waits import until
 from PIL import Image
 from prometheus_client import generate_latest
 
 from app.main import create_app
 from app.model.card import InputSpec
-from app.serving.service import Service
+from app.serving.service import Lifecycle, Service
 from app.serving.upload_checks import prepare
 from app.settings import Settings
 from app.training.data import ImageDataset, scan_image_folder
 
-
-def settings_for(model_dir: Path, tmp_path: Path, **kw: Any) -> Settings:
-    base: dict[str, Any] = {"model_dir": model_dir, "device": "cpu", "warmup_batches": 1,
-                            "embed_store": str(tmp_path / "emb.sqlite3")}
-    base.update(kw)
-    return Settings(**base)
+Client = httpx.AsyncClient
+MakeSettings = Callable[..., Settings]
 
 
 @pytest.fixture()
-def client(tiny_model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(tiny_model_dir, tmp_path))) as c:
+async def client(tiny_settings: MakeSettings) -> AsyncIterator[Client]:
+    async with running(create_app(tiny_settings())) as c:
         yield c
-
-
-def encode(image: Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def files(*blobs: bytes, name: str = "file") -> list[tuple[str, tuple[str, bytes]]]:
     return [(name, (f"img{i}.png", b)) for i, b in enumerate(blobs)]
 
 
-
-
 # -- routes ------------------------------------------------------------------------------------
-def test_predict_answers_each_file_in_order(client: TestClient) -> None:
+async def test_predict_answers_each_file_in_order(client: Client) -> None:
     blobs = [png_bytes(i) for i in range(3)]
-    r = client.post("/predict", params={"top_k": 3}, files=files(*blobs))
+    r = await client.post("/predict", params={"top_k": 3}, files=files(*blobs))
+    labels = (await client.get("/model")).json()["labels"]
     assert r.status_code == 200
     body = r.json()
     assert body["model"] == {"name": "test-fashion-small", "version": "0"}
@@ -66,51 +53,52 @@ def test_predict_answers_each_file_in_order(client: TestClient) -> None:
         assert len(scores) == 3 and scores == sorted(scores, reverse=True)
         assert 0 < sum(scores) <= 1.0001
         assert "embedding" not in res
-        assert {lab["label"] for lab in res["labels"]} <= set(client.get("/model").json()["labels"])
+        assert {lab["label"] for lab in res["labels"]} <= set(labels)
 
 
-def test_predict_with_embedding_and_default_top_k(client: TestClient) -> None:
-    r = client.post("/predict", params={"embedding": "true"}, files=files(png_bytes(7)))
+async def test_predict_with_embedding_and_default_top_k(client: Client) -> None:
+    r = await client.post("/predict", params={"embedding": "true"}, files=files(png_bytes(7)))
     res = r.json()["results"][0]
     assert len(res["labels"]) == 5
     assert len(res["embedding"]) == 256 and min(res["embedding"]) >= 0
 
 
-def test_embed_post_and_get_round_trip(client: TestClient) -> None:
+async def test_embed_post_and_get_round_trip(client: Client) -> None:
     blobs = [png_bytes(10), png_bytes(11)]
-    posted = client.post("/embed", files=files(*blobs)).json()["results"]
+    posted = (await client.post("/embed", files=files(*blobs))).json()["results"]
     ids = [p["id"] for p in posted]
-    got = client.get("/embed", params={"id": ids}).json()["results"]
+    got = (await client.get("/embed", params={"id": ids})).json()["results"]
     assert [g["id"] for g in got] == ids
     for p, g in zip(posted, got, strict=True):
         assert np.allclose(p["embedding"], g["embedding"], rtol=1e-6)
-    unit = client.post("/embed", params={"normalize": "true"}, files=files(blobs[0])).json()
+    unit = (await client.post("/embed", params={"normalize": "true"},
+                              files=files(blobs[0]))).json()
     assert abs(np.linalg.norm(unit["results"][0]["embedding"]) - 1) < 1e-5
     # vectors computed by /predict are kept too
-    pid = client.post("/predict", files=files(png_bytes(12))).json()["results"][0]["id"]
-    assert client.get("/embed", params={"id": pid}).status_code == 200
+    pid = (await client.post("/predict", files=files(png_bytes(12)))).json()["results"][0]["id"]
+    assert (await client.get("/embed", params={"id": pid})).status_code == 200
 
 
-def test_get_embed_names_unknown_ids(client: TestClient) -> None:
-    known = client.post("/embed", files=files(png_bytes(20))).json()["results"][0]["id"]
+async def test_get_embed_names_unknown_ids(client: Client) -> None:
+    known = (await client.post("/embed", files=files(png_bytes(20)))).json()["results"][0]["id"]
     unknown = "ab" * 32
-    r = client.get("/embed", params={"id": [known, unknown]})
+    r = await client.get("/embed", params={"id": [known, unknown]})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "unknown_id" and unknown in r.json()["error"]["message"]
     assert known not in r.json()["error"]["message"]
-    assert client.get("/embed", params={"id": "xyz"}).status_code == 422
-    assert client.get("/embed").status_code == 422
+    assert (await client.get("/embed", params={"id": "xyz"})).status_code == 422
+    assert (await client.get("/embed")).status_code == 422
 
 
-def test_model_health_ready_metrics_docs(client: TestClient) -> None:
-    m = client.get("/model").json()
+async def test_model_health_ready_metrics_docs(client: Client) -> None:
+    m = (await client.get("/model")).json()
     assert m["preset"] == "fashion-small" and m["device"] == "cpu" and m["dtype"] == "float32"
     assert m["batching"]["max_batch_size"] == 32 and len(m["labels"]) == 10
     assert m["input"]["size"] == 28 and m["embedding_dim"] == 256
-    assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").status_code == 200
-    client.post("/predict", files=files(png_bytes(1)))
-    text = client.get("/metrics").text
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+    await client.post("/predict", files=files(png_bytes(1)))
+    text = (await client.get("/metrics")).text
     for name in ("imgrec_requests_total", "imgrec_request_seconds_bucket", "imgrec_queue_depth",
                  "imgrec_batch_size_bucket", "imgrec_decode_seconds_count",
                  "imgrec_inference_seconds_count", "imgrec_store_write_seconds_count",
@@ -120,8 +108,8 @@ def test_model_health_ready_metrics_docs(client: TestClient) -> None:
                      "imgrec_store_write_seconds_count"):
         assert metric(text, observed) >= 1, observed
     assert 'route="POST /predict",status="200"' in text
-    assert client.get("/docs").status_code == 200
-    spec = client.get("/openapi.json").json()
+    assert (await client.get("/docs")).status_code == 200
+    spec = (await client.get("/openapi.json")).json()
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
 
 
@@ -129,10 +117,10 @@ def test_model_health_ready_metrics_docs(client: TestClient) -> None:
 @pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("RGB", "JPEG"), ("L", "BMP"),
                                       ("P", "GIF"), ("RGB", "WEBP"), ("LA", "PNG"),
                                       ("1", "PNG"), ("I;16", "PNG")])
-def test_any_colour_mode_and_size_is_accepted(client: TestClient, mode: str, fmt: str) -> None:
+async def test_any_colour_mode_and_size_is_accepted(client: Client, mode: str, fmt: str) -> None:
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (61, 45, 3), dtype=np.uint8)).convert(mode)
-    r = client.post("/predict", files=files(encode(img, fmt)))
+    r = await client.post("/predict", files=files(encode(img, fmt)))
     assert r.status_code == 200, r.text
 
 
@@ -156,12 +144,12 @@ def test_served_pixels_are_the_trainers_pixels(mode: str, fmt: str, channels: in
     assert prepare(data, spec, 10**6) == trainer_pixels.numpy().tobytes()
 
 
-def test_animated_gif_uses_its_first_frame(client: TestClient) -> None:
+async def test_animated_gif_uses_its_first_frame(client: Client) -> None:
     frames = [Image.new("L", (28, 28), c) for c in (0, 255)]
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
     first = encode(frames[0], "PNG")
-    a = client.post("/predict", params={"top_k": 10}, files=files(gif)).json()
-    b = client.post("/predict", params={"top_k": 10}, files=files(first)).json()
+    a = (await client.post("/predict", params={"top_k": 10}, files=files(gif))).json()
+    b = (await client.post("/predict", params={"top_k": 10}, files=files(first))).json()
     assert a["results"][0]["labels"] == b["results"][0]["labels"]
 
 
@@ -171,81 +159,88 @@ def error(r: httpx.Response) -> tuple[int, str]:
     return r.status_code, body["error"]["code"]
 
 
-def test_bad_requests_get_clear_json_errors(client: TestClient) -> None:
+async def test_bad_requests_get_clear_json_errors(client: Client) -> None:
     png = png_bytes(0)
-    assert error(client.post("/predict", files=files(png, name="other")))[0] == 400
-    assert error(client.post("/predict", data={"x": "1"}))[0] == 400
-    assert error(client.post("/predict", content=b"{}",
+    assert error(await client.post("/predict", files=files(png, name="other")))[0] == 400
+    assert error(await client.post("/predict", data={"x": "1"}))[0] == 400
+    assert error(await client.post("/predict", content=b"{}",
                              headers={"content-type": "application/json"}))[0] == 400
     truncated_multipart = (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; "
                            b"filename=\"a.png\"\r\n\r\n" + png)
-    assert error(client.post("/predict", content=truncated_multipart,
+    assert error(await client.post("/predict", content=truncated_multipart,
                              headers={"content-type": "multipart/form-data; boundary=xyz"})) \
         == (400, "bad_request")
-    assert error(client.post("/predict", files=files(b"not an image"))) \
+    assert error(await client.post("/predict", files=files(b"not an image"))) \
         == (415, "unsupported_image")
-    assert error(client.post("/predict", files=files(b""))) == (415, "unsupported_image")
+    assert error(await client.post("/predict", files=files(b""))) == (415, "unsupported_image")
     pcx = encode(Image.new("L", (8, 8)), "PCX")  # a format Pillow reads but we do not accept
-    assert error(client.post("/predict", files=files(pcx))) == (415, "unsupported_image")
-    assert error(client.post("/predict", files=files(png[: len(png) // 2]))) \
+    assert error(await client.post("/predict", files=files(pcx))) == (415, "unsupported_image")
+    assert error(await client.post("/predict", files=files(png[: len(png) // 2]))) \
         == (415, "undecodable_image")
-    assert error(client.post("/predict", params={"top_k": 0}, files=files(png)))[0] == 422
-    assert error(client.post("/predict", params={"top_k": 11}, files=files(png)))[0] == 422
-    assert error(client.post("/predict", params={"embedding": "maybe"}, files=files(png)))[0] \
-        == 422
-    assert error(client.get("/nowhere"))[0] == 404
+    assert error(await client.post("/predict", params={"top_k": 0}, files=files(png)))[0] == 422
+    assert error(await client.post("/predict", params={"top_k": 11}, files=files(png)))[0] == 422
+    assert error(await client.post("/predict", params={"embedding": "maybe"},
+                                   files=files(png)))[0] == 422
+    assert error(await client.get("/nowhere"))[0] == 404
     # and the process is healthy afterwards
-    assert client.get("/readyz").status_code == 200
-    assert client.post("/predict", files=files(png)).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    assert (await client.post("/predict", files=files(png))).status_code == 200
 
 
-def test_size_limits(tiny_model_dir: Path, tmp_path: Path) -> None:
-    s = settings_for(tiny_model_dir, tmp_path, max_upload_bytes=50_000, max_image_pixels=1_000_000,
-                     max_files=3)
-    with TestClient(create_app(s)) as c:
+async def test_size_limits(tiny_settings: MakeSettings) -> None:
+    s = tiny_settings(max_upload_bytes=50_000, max_image_pixels=1_000_000, max_files=3)
+    async with running(create_app(s)) as c:
         big = encode(Image.new("L", (2000, 2000)), "PNG")  # 4 Mpx, but only a few kB compressed
         assert len(big) < 50_000
-        assert error(c.post("/predict", files=files(big))) == (413, "image_too_large")
+        assert error(await c.post("/predict", files=files(big))) == (413, "image_too_large")
         noise = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
         heavy = encode(Image.fromarray(noise), "PNG")
         assert len(heavy) > 50_000
-        assert error(c.post("/predict", files=files(heavy))) == (413, "payload_too_large")
+        assert error(await c.post("/predict", files=files(heavy))) == (413, "payload_too_large")
 
-        def chunks() -> Iterator[bytes]:  # no Content-Length: refused while streaming
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: refused while streaming
             body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
                     + heavy + b"\r\n--b--\r\n")
             for i in range(0, len(body), 4096):
                 yield body[i : i + 4096]
 
-        r = c.post("/predict", content=chunks(),
-                   headers={"content-type": "multipart/form-data; boundary=b"})
+        r = await c.post("/predict", content=chunks(),
+                         headers={"content-type": "multipart/form-data; boundary=b"})
+        assert "content-length" not in r.request.headers
         assert error(r) == (413, "payload_too_large")
-        assert error(c.post("/predict", files=files(*[png_bytes(i) for i in range(4)]))) \
+        assert error(await c.post("/predict", files=files(*[png_bytes(i) for i in range(4)]))) \
             == (413, "too_many_files")
-        assert c.post("/predict", files=files(*[png_bytes(i) for i in range(3)])).status_code \
-            == 200
+        ok = await c.post("/predict", files=files(*[png_bytes(i) for i in range(3)]))
+        assert ok.status_code == 200
 
 
 # -- batching, overload, deadlines, shutdown -------------------------------------------------
 async def test_concurrent_requests_are_batched_and_equal_single_answers(
-        tiny_model_dir: Path, tmp_path: Path) -> None:
+        tiny_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that arrive while a batch runs form the next one: one image held in the network
+    while 23 more arrive makes two forward passes in all; and the batched answers are the ones
+    each image gets alone."""
     blobs = [png_bytes(100 + i) for i in range(24)]
-    single = create_app(settings_for(tiny_model_dir, tmp_path, max_batch_size=1,
-                                     embed_store="memory"))
-    async with running(single) as c:
-        alone = [(await c.post("/predict", params={"top_k": 10, "embedding": "true"},
-                               files=files(b))).json() for b in blobs]
-    batched = create_app(settings_for(tiny_model_dir, tmp_path, max_batch_size=32,
-                                      max_wait_ms=100, embed_store="memory"))
+    params = {"top_k": 10, "embedding": "true"}
+    async with running(create_app(tiny_settings(max_batch_size=1, embed_store="memory"))) as c:
+        alone = [(await c.post("/predict", params=params, files=files(b))).json() for b in blobs]
+    gate = Gate(monkeypatch)
+    batched = create_app(tiny_settings(max_batch_size=32, embed_store="memory"))
     async with running(batched) as c:
-        rs = await asyncio.gather(*[c.post("/predict", params={"top_k": 10, "embedding": "true"},
-                                           files=files(b)) for b in blobs])
+        gate.close()
+        first = asyncio.ensure_future(c.post("/predict", params=params, files=files(blobs[0])))
+        await until(lambda: gate.held == 1, "the first image to be held in the network")
+        others = [asyncio.ensure_future(c.post("/predict", params=params, files=files(b)))
+                  for b in blobs[1:]]
+        batcher = batched.state.service.batcher
+        await until(lambda: batcher.depth == 23, "the other 23 images to queue")
+        gate.open.set()
+        rs = await asyncio.gather(first, *others)
         text = (await c.get("/metrics")).text
     batches = metric(text, "imgrec_batch_size_count")
-    images = metric(text, "imgrec_batch_size_sum")
-    warmup = 0  # warm-up runs outside the batcher and is not counted
-    assert images - warmup == len(blobs)
-    assert batches < len(blobs) / 2, f"{batches} forward passes for {len(blobs)} requests"
+    images = metric(text, "imgrec_batch_size_sum")  # the warm-up runs outside the batcher
+    assert images == len(blobs)
+    assert batches == 2, f"{batches} forward passes for 1 + 23 images"
     for a, r in zip(alone, rs, strict=True):
         b = r.json()
         ra, rb = a["results"][0], b["results"][0]
@@ -256,19 +251,19 @@ async def test_concurrent_requests_are_batched_and_equal_single_answers(
         assert np.allclose(ra["embedding"], rb["embedding"], atol=1e-4, rtol=1e-4)
 
 
-async def test_queue_full_gets_503_with_retry_after(tiny_model_dir: Path, tmp_path: Path,
+async def test_queue_full_gets_503_with_retry_after(tiny_settings: MakeSettings,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch)
-    app = create_app(settings_for(tiny_model_dir, tmp_path, max_queue=2, max_files=2,
-                                  max_batch_size=1,
-                                  embed_store="memory", retry_after_s=3))
+    app = create_app(tiny_settings(max_queue=2, max_files=2, max_batch_size=1,
+                                   embed_store="memory", retry_after_s=3))
     async with running(app) as c:
-        gate.open.clear()
+        gate.close()
         first = asyncio.ensure_future(c.post("/predict", files=files(png_bytes(1))))
-        await asyncio.sleep(0.3)  # running, blocked in the network
+        await until(lambda: gate.held == 1, "the first image to be held in the network")
         queued = [asyncio.ensure_future(c.post("/predict", files=files(png_bytes(i))))
                   for i in (2, 3)]
-        await asyncio.sleep(0.3)  # two images wait: the queue is full
+        batcher = app.state.service.batcher
+        await until(lambda: batcher.depth == 2, "two images to wait: the queue is full")
         r = await c.post("/predict", files=files(png_bytes(4)))
         assert error(r) == (503, "overloaded") and r.headers["retry-after"] == "3"
         gate.open.set()
@@ -278,50 +273,53 @@ async def test_queue_full_gets_503_with_retry_after(tiny_model_dir: Path, tmp_pa
 
 
 async def test_expired_deadline_gets_504_without_a_forward_pass(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch)
-    app = create_app(settings_for(tiny_model_dir, tmp_path, request_timeout_ms=300,
-                                  max_batch_size=1, embed_store="memory"))
+    app = create_app(tiny_settings(request_timeout_ms=300, max_batch_size=1,
+                                   embed_store="memory"))
     async with running(app) as c:
-        gate.images = 0
-        gate.open.clear()
+        gate.close()
         first = asyncio.ensure_future(c.post("/predict", files=files(png_bytes(1))))
-        await asyncio.sleep(0.1)
+        await until(lambda: gate.held == 1, "the first image to be held in the network")
         late = await c.post("/predict", files=files(png_bytes(2)))  # waits behind the gate
         assert error(late) == (504, "deadline_exceeded")
         gate.open.set()
         await first  # its own deadline passed while it ran; that is fine either way
-        await asyncio.sleep(0.1)
+        # the worker takes the expired image off the queue and drops it
+        batcher = app.state.service.batcher
+        await until(lambda: batcher.stats.expired == 1 and batcher.depth == 0,
+                    "the expired image to be dropped")
         assert gate.images == 1  # only the first image ever reached the network
 
 
 async def test_shutdown_answers_every_accepted_request(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch)
-    app = create_app(settings_for(tiny_model_dir, tmp_path, max_batch_size=4,
-                                  embed_store="memory"))
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            gate.open.clear()
-            accepted = [asyncio.ensure_future(c.post("/predict", files=files(png_bytes(i))))
-                        for i in range(20)]
-            await asyncio.sleep(0.5)
-            service = app.state.service
-            stopping = asyncio.ensure_future(service.stop())  # what the lifespan shutdown runs
-            await asyncio.sleep(0.1)
-            assert (await c.get("/readyz")).status_code == 503
-            refused = await c.post("/predict", files=files(png_bytes(99)))
-            assert error(refused)[0] == 503
-            gate.open.set()
-            results = await asyncio.gather(*accepted)
-            await stopping
+    app = create_app(tiny_settings(max_batch_size=4, embed_store="memory"))
+    async with running(app) as c:
+        gate.close()
+        accepted = [asyncio.ensure_future(c.post("/predict", files=files(png_bytes(i))))
+                    for i in range(20)]
+        service: Service = app.state.service
+        batcher = service.batcher
+        assert batcher is not None
+        await until(lambda: gate.held + batcher.depth == 20,
+                    "all 20 images accepted: in the held batch or queued")
+        stopping = asyncio.ensure_future(service.stop())  # what the lifespan shutdown runs
+        await until(lambda: service.state is Lifecycle.STOPPED, "the service to stop")
+        assert (await c.get("/readyz")).status_code == 503
+        refused = await c.post("/predict", files=files(png_bytes(99)))
+        assert error(refused)[0] == 503
+        gate.open.set()
+        results = await asyncio.gather(*accepted)
+        await stopping
     assert [r.status_code for r in results] == [200] * 20
     assert gate.images == 20
 
 
-async def test_sqlite_store_survives_a_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
-    s = settings_for(tiny_model_dir, tmp_path, embed_store=str(tmp_path / "keep.sqlite3"))
+async def test_sqlite_store_survives_a_restart(tiny_settings: MakeSettings,
+                                               tmp_path: Path) -> None:
+    s = tiny_settings(embed_store=str(tmp_path / "keep.sqlite3"))
     async with running(create_app(s)) as c:
         posted = (await c.post("/embed", files=files(png_bytes(5)))).json()["results"][0]
     async with running(create_app(s)) as c:
@@ -330,15 +328,14 @@ async def test_sqlite_store_survives_a_restart(tiny_model_dir: Path, tmp_path: P
     assert np.allclose(got.json()["results"][0]["embedding"], posted["embedding"], rtol=1e-6)
 
 
-def test_not_ready_before_the_lifespan_starts(tiny_model_dir: Path, tmp_path: Path) -> None:
-
-    app = create_app(settings_for(tiny_model_dir, tmp_path))
+async def test_not_ready_before_the_lifespan_starts(tiny_settings: MakeSettings) -> None:
+    app = create_app(tiny_settings())
     app.state.service = Service(app.state.settings)  # constructed, never started
-    c = TestClient(app)  # no `with`: the lifespan does not run
-    r = c.get("/readyz")
-    assert error(r) == (503, "not_ready") and "retry-after" in r.headers
-    assert error(c.post("/predict", files=files(png_bytes(1)))) == (503, "not_ready")
-    assert c.get("/healthz").status_code == 200
+    async with running(app, lifespan=False) as c:
+        r = await c.get("/readyz")
+        assert error(r) == (503, "not_ready") and "retry-after" in r.headers
+        assert error(await c.post("/predict", files=files(png_bytes(1)))) == (503, "not_ready")
+        assert (await c.get("/healthz")).status_code == 200
 
 
 def test_settings_refuse_a_request_size_that_could_never_queue() -> None:
@@ -346,22 +343,22 @@ def test_settings_refuse_a_request_size_that_could_never_queue() -> None:
         Settings(max_files=10, max_queue=5)
 
 
-def test_engines_agree(tiny_model_dir: Path, tmp_path: Path) -> None:
+async def test_engines_agree(tiny_settings: MakeSettings) -> None:
     blobs = [png_bytes(300 + i) for i in range(3)]
     answers = {}
     for engine in ("torch", "onnxruntime"):
-        s = settings_for(tiny_model_dir, tmp_path, engine=engine, embed_store="memory")
-        with TestClient(create_app(s)) as c:
-            assert c.get("/model").json()["engine"] == engine
-            answers[engine] = c.post("/predict", params={"top_k": 10, "embedding": "true"},
-                                     files=files(*blobs)).json()["results"]
+        async with running(create_app(tiny_settings(engine=engine, embed_store="memory"))) as c:
+            assert (await c.get("/model")).json()["engine"] == engine
+            r = await c.post("/predict", params={"top_k": 10, "embedding": "true"},
+                             files=files(*blobs))
+            answers[engine] = r.json()["results"]
     for a, b in zip(answers["torch"], answers["onnxruntime"], strict=True):
         assert np.allclose([x["score"] for x in a["labels"]], [x["score"] for x in b["labels"]],
                            atol=1e-5)
         assert np.allclose(a["embedding"], b["embedding"], atol=1e-4, rtol=1e-4)
 
 
-def test_corrupted_uploads_never_cause_a_5xx(client: TestClient) -> None:
+async def test_corrupted_uploads_never_cause_a_5xx(client: Client) -> None:
     rng = np.random.default_rng(7)
     base = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
     originals = [encode(base, fmt) for fmt in ("PNG", "JPEG", "WEBP", "BMP", "GIF")]
@@ -373,16 +370,16 @@ def test_corrupted_uploads_never_cause_a_5xx(client: TestClient) -> None:
                 blob = blob[: int(rng.integers(1, len(blob)))]
             for _ in range(int(rng.integers(1, 8))):  # flip bytes, headers included
                 blob[int(rng.integers(0, len(blob)))] = int(rng.integers(0, 256))
-            r = client.post("/predict", files=files(bytes(blob)))
+            r = await client.post("/predict", files=files(bytes(blob)))
             statuses.append(r.status_code)
             assert r.status_code in (200, 413, 415), (r.status_code, r.text)
     assert 415 in statuses  # the corruption was real
-    assert client.get("/readyz").status_code == 200
-    assert client.post("/predict", files=files(originals[0])).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    assert (await client.post("/predict", files=files(originals[0]))).status_code == 200
 
 
 async def test_fast_path_serves_predict_and_embed_without_the_router(
-        tiny_model_dir: Path, tmp_path: Path) -> None:
+        tiny_settings: MakeSettings) -> None:
     from app.api.fastpath import FastPathMiddleware
 
     async def router(scope: Any, receive: Any, send: Any) -> None:
@@ -396,7 +393,7 @@ async def test_fast_path_serves_predict_and_embed_without_the_router(
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    service = Service(settings_for(tiny_model_dir, tmp_path))  # never started: not ready
+    service = Service(tiny_settings())  # never started: not ready
     app = type("App", (), {"state": type("S", (), {"service": service})()})()
     mw = FastPathMiddleware(router)
     for path in ("/predict", "/embed"):

@@ -4,14 +4,15 @@ the store (restart, eviction, old files), and the index itself."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
-from conftest import png_bytes
-from fastapi.testclient import TestClient
+from helpers.apps import running
+from helpers.images import png_bytes
 
 from app.main import create_app
 from app.serving.request_rules import MAX_FILENAME_CHARS, clean_filename
@@ -20,30 +21,24 @@ from app.serving.store.vector_index import VectorIndex
 from app.settings import Settings
 
 IMAGES = [png_bytes(seed) for seed in range(12)]
-
-
-def settings_for(model_dir: Path, tmp_path: Path, **kw: Any) -> Settings:
-    # the torch engine: no ONNX export per app (these tests are about the store and index)
-    base: dict[str, Any] = {"model_dir": model_dir, "device": "cpu", "warmup_batches": 1,
-                            "embed_store": str(tmp_path / "emb.sqlite3"), "engine": "torch"}
-    base.update(kw)
-    return Settings(**base)
+Client = httpx.AsyncClient
 
 
 @pytest.fixture()
-def client(tiny_model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(tiny_model_dir, tmp_path))) as c:
+async def client(tiny_settings: Callable[..., Settings]) -> AsyncIterator[Client]:
+    async with running(create_app(tiny_settings())) as c:
         yield c
 
 
-def embed_all(c: TestClient, blobs: list[bytes], prefix: str = "cat") -> list[str]:
-    r = c.post("/embed", files=[("file", (f"{prefix}/{i}.png", b)) for i, b in enumerate(blobs)])
+async def embed_all(c: Client, blobs: list[bytes], prefix: str = "cat") -> list[str]:
+    r = await c.post("/embed", files=[("file", (f"{prefix}/{i}.png", b))
+                                      for i, b in enumerate(blobs)])
     assert r.status_code == 200, r.text
     return [x["id"] for x in r.json()["results"]]
 
 
-def vectors(c: TestClient, ids: list[str]) -> np.ndarray:
-    r = c.get("/embed", params=[("id", i) for i in ids])
+async def vectors(c: Client, ids: list[str]) -> np.ndarray:
+    r = await c.get("/embed", params=[("id", i) for i in ids])
     assert r.status_code == 200, r.text
     return np.array([x["embedding"] for x in r.json()["results"]], dtype=np.float64)
 
@@ -64,12 +59,12 @@ def check_neighbors(got: list[dict[str, Any]], want: list[tuple[str, float]]) ->
     assert scores == sorted(scores, reverse=True)
 
 
-def test_post_search_one_result_per_file_in_order_scores_are_cosine(client: TestClient) -> None:
-    ids = embed_all(client, IMAGES[:10])
-    matrix = vectors(client, ids)
+async def test_post_search_one_result_per_file_in_order_scores_are_cosine(client: Client) -> None:
+    ids = await embed_all(client, IMAGES[:10])
+    matrix = await vectors(client, ids)
     # two stored images and one new one, in that order
     blobs = [IMAGES[3], IMAGES[7], IMAGES[10]]
-    r = client.post("/search", params={"k": 4},
+    r = await client.post("/search", params={"k": 4},
                     files=[("file", ("q3.png", blobs[0])), ("file", ("q7.png", blobs[1])),
                            ("file", ("new.png", blobs[2]))])
     assert r.status_code == 200, r.text
@@ -81,7 +76,7 @@ def test_post_search_one_result_per_file_in_order_scores_are_cosine(client: Test
     # the new image is stored like /embed's, so the first two may find it: compare against all
     new_id = results[2]["id"]
     all_ids = [*ids, new_id]
-    full = np.vstack([matrix, vectors(client, [new_id])])
+    full = np.vstack([matrix, await vectors(client, [new_id])])
     for result, query in zip(results, full[[3, 7, 10]], strict=True):
         assert result["id"] not in [n["id"] for n in result["neighbors"]]
         check_neighbors(result["neighbors"], expected(query, all_ids, full, 4, result["id"]))
@@ -93,17 +88,17 @@ def test_post_search_one_result_per_file_in_order_scores_are_cosine(client: Test
                                                                              by_id[n["id"]])
 
 
-def test_get_search_by_id_matches_numpy(client: TestClient) -> None:
-    ids = embed_all(client, IMAGES[:8])
-    matrix = vectors(client, ids)
+async def test_get_search_by_id_matches_numpy(client: Client) -> None:
+    ids = await embed_all(client, IMAGES[:8])
+    matrix = await vectors(client, ids)
     for n in (0, 5):
-        r = client.get("/search", params={"id": ids[n].upper(), "k": 3})
+        r = await client.get("/search", params={"id": ids[n].upper(), "k": 3})
         assert r.status_code == 200, r.text
         (result,) = r.json()["results"]
         assert result["id"] == ids[n] and result["filename"] == f"cat/{n}.png"
         check_neighbors(result["neighbors"], expected(matrix[n], ids, matrix, 3, ids[n]))
     # k larger than what is stored: everything but the query itself
-    r = client.get("/search", params={"id": ids[0], "k": 100})
+    r = await client.get("/search", params={"id": ids[0], "k": 100})
     assert len(r.json()["results"][0]["neighbors"]) == 7
 
 
@@ -115,9 +110,9 @@ def test_get_search_by_id_matches_numpy(client: TestClient) -> None:
     ({"id": "0" * 64, "k": 101}, 422, "invalid_parameters"),
     ({"id": "0" * 64, "k": "ten"}, 422, "invalid_parameters"),
 ])
-def test_get_search_errors(client: TestClient, params: dict[str, Any], status: int,
+async def test_get_search_errors(client: Client, params: dict[str, Any], status: int,
                            code: str) -> None:
-    r = client.get("/search", params=params)
+    r = await client.get("/search", params=params)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
 
@@ -127,68 +122,67 @@ def test_get_search_errors(client: TestClient, params: dict[str, Any], status: i
     (101, True, 422, "invalid_parameters"),
     (10, False, 400, "bad_request"),
 ])
-def test_post_search_errors(client: TestClient, k: int, files: bool, status: int,
+async def test_post_search_errors(client: Client, k: int, files: bool, status: int,
                             code: str) -> None:
     kw: dict[str, Any] = {"files": [("file", ("a.png", IMAGES[0]))]} if files else \
         {"content": b"x", "headers": {"content-type": "text/plain"}}
-    r = client.post("/search", params={"k": k}, **kw)
+    r = await client.post("/search", params={"k": k}, **kw)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
 
 
-def test_post_search_not_an_image_is_415_and_the_service_goes_on(client: TestClient) -> None:
-    r = client.post("/search", files=[("file", ("a.txt", b"not an image"))])
+async def test_post_search_not_an_image_is_415_and_the_service_goes_on(client: Client) -> None:
+    r = await client.post("/search", files=[("file", ("a.txt", b"not an image"))])
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_image"
-    assert client.post("/search", files=[("file", ("a.png", IMAGES[0]))]).status_code == 200
+    assert (await client.post("/search", files=[("file", ("a.png", IMAGES[0]))])).status_code == 200
 
 
-def test_only_image_stored_has_no_neighbors(client: TestClient) -> None:
-    r = client.post("/search", files=[("file", ("only.png", IMAGES[0]))])
+async def test_only_image_stored_has_no_neighbors(client: Client) -> None:
+    r = await client.post("/search", files=[("file", ("only.png", IMAGES[0]))])
     assert r.status_code == 200
     assert r.json()["results"][0]["neighbors"] == []
 
 
-def test_filename_is_sanitised_and_bounded(client: TestClient) -> None:
+async def test_filename_is_sanitised_and_bounded(client: Client) -> None:
     long = "x" * 400 + ".png"
-    r = client.post("/embed", files=[("file", ("evil\x1b[31m\u202ename.png", IMAGES[0])),
+    r = await client.post("/embed", files=[("file", ("evil\x1b[31m\u202ename.png", IMAGES[0])),
                                      ("file", (long, IMAGES[1]))])
     a, b = (x["id"] for x in r.json()["results"])
-    r = client.get("/search", params={"id": a})
+    r = await client.get("/search", params={"id": a})
     assert r.json()["results"][0]["filename"] == "evil[31mname.png"
     assert r.json()["results"][0]["neighbors"][0]["filename"] == long[:MAX_FILENAME_CHARS]
 
 
-def test_index_survives_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
-    settings = settings_for(tiny_model_dir, tmp_path)
-    with TestClient(create_app(settings)) as c:
-        ids = embed_all(c, IMAGES[:6])
-        before = c.get("/search", params={"id": ids[2], "k": 5}).json()
-    with TestClient(create_app(settings)) as c:
-        after = c.get("/search", params={"id": ids[2], "k": 5}).json()
+async def test_index_survives_restart(tiny_settings: Callable[..., Settings]) -> None:
+    settings = tiny_settings()
+    async with running(create_app(settings)) as c:
+        ids = await embed_all(c, IMAGES[:6])
+        before = (await c.get("/search", params={"id": ids[2], "k": 5})).json()
+    async with running(create_app(settings)) as c:
+        after = (await c.get("/search", params={"id": ids[2], "k": 5})).json()
     assert after == before and len(after["results"][0]["neighbors"]) == 5
 
 
-def test_evicted_vectors_leave_the_index(tiny_model_dir: Path, tmp_path: Path) -> None:
-    settings = settings_for(tiny_model_dir, tmp_path, embed_store_max_items=4)
-    with TestClient(create_app(settings)) as c:
-        ids = embed_all(c, IMAGES[:6])  # the first two are evicted
-        found = {n["id"] for n in c.get("/search", params={"id": ids[5], "k": 10})
-                 .json()["results"][0]["neighbors"]}
+async def test_evicted_vectors_leave_the_index(tiny_settings: Callable[..., Settings]) -> None:
+    settings = tiny_settings(embed_store_max_items=4)
+    async with running(create_app(settings)) as c:
+        ids = await embed_all(c, IMAGES[:6])  # the first two are evicted
+        r = await c.get("/search", params={"id": ids[5], "k": 10})
+        found = {n["id"] for n in r.json()["results"][0]["neighbors"]}
         assert found == set(ids[2:5])
-        assert c.get("/search", params={"id": ids[0]}).status_code == 404
-    with TestClient(create_app(settings)) as c:  # and stay out after a restart
-        found = {n["id"] for n in c.get("/search", params={"id": ids[5], "k": 10})
-                 .json()["results"][0]["neighbors"]}
+        assert (await c.get("/search", params={"id": ids[0]})).status_code == 404
+    async with running(create_app(settings)) as c:  # and stay out after a restart
+        r = await c.get("/search", params={"id": ids[5], "k": 10})
+        found = {n["id"] for n in r.json()["results"][0]["neighbors"]}
         assert found == set(ids[2:5])
 
 
-def test_memory_store_searches(tiny_model_dir: Path, tmp_path: Path) -> None:
-    settings = settings_for(tiny_model_dir, tmp_path, embed_store="memory",
-                            embed_store_max_items=3)
-    with TestClient(create_app(settings)) as c:
-        ids = embed_all(c, IMAGES[:4])
-        found = [n["id"] for n in c.get("/search", params={"id": ids[3]})
-                 .json()["results"][0]["neighbors"]]
+async def test_memory_store_searches(tiny_settings: Callable[..., Settings]) -> None:
+    settings = tiny_settings(embed_store="memory", embed_store_max_items=3)
+    async with running(create_app(settings)) as c:
+        ids = await embed_all(c, IMAGES[:4])
+        r = await c.get("/search", params={"id": ids[3]})
+        found = [n["id"] for n in r.json()["results"][0]["neighbors"]]
         assert sorted(found) == sorted(ids[1:3])
 
 
@@ -259,20 +253,21 @@ def test_clean_filename(raw: str | None, clean: str | None) -> None:
     assert clean_filename(raw) == clean
 
 
-def test_search_stays_in_the_callers_namespace(tiny_model_dir: Path, tmp_path: Path) -> None:
+async def test_search_stays_in_the_callers_namespace(tiny_settings: Callable[..., Settings],
+                                                     tmp_path: Path) -> None:
     key_a, key_b = "alice-0123456789abcdef-AAAA", "bob-fedcba9876543210-BBBBBB"
     (tmp_path / "keys").write_text(f"{key_a}\n{key_b}\n")
-    settings = settings_for(tiny_model_dir, tmp_path, api_keys_file=tmp_path / "keys")
+    settings = tiny_settings(api_keys_file=tmp_path / "keys")
     a, b = ({"Authorization": f"Bearer {k}"} for k in (key_a, key_b))
-    with TestClient(create_app(settings)) as c:
-        r = c.post("/embed", headers=a, files=[("file", (f"{n}.png", IMAGES[n]))
+    async with running(create_app(settings)) as c:
+        r = await c.post("/embed", headers=a, files=[("file", (f"{n}.png", IMAGES[n]))
                                                for n in range(3)])
         ids = [x["id"] for x in r.json()["results"]]
-        assert c.get("/search", params={"id": ids[0]}).status_code == 401
-        assert c.post("/search", files=[("file", ("q.png", IMAGES[5]))]).status_code == 401
+        assert (await c.get("/search", params={"id": ids[0]})).status_code == 401
+        assert (await c.post("/search", files=[("file", ("q.png", IMAGES[5]))])).status_code == 401
         # B sees none of A's images, nor can it search by A's ids
-        r = c.post("/search", headers=b, files=[("file", ("q.png", IMAGES[5]))])
+        r = await c.post("/search", headers=b, files=[("file", ("q.png", IMAGES[5]))])
         assert r.status_code == 200 and r.json()["results"][0]["neighbors"] == []
-        assert c.get("/search", headers=b, params={"id": ids[0]}).status_code == 404
-        r = c.post("/search", headers=a, files=[("file", ("q.png", IMAGES[6]))])
+        assert (await c.get("/search", headers=b, params={"id": ids[0]})).status_code == 404
+        r = await c.post("/search", headers=a, files=[("file", ("q.png", IMAGES[6]))])
         assert {n["id"] for n in r.json()["results"][0]["neighbors"]} == set(ids)

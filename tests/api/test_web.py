@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
+from helpers.apps import running
 from helpers.daemons import (
     LOOPBACK,
     Daemon,
@@ -30,11 +30,12 @@ from helpers.daemons import (
     venv_binary,
     wait_until,
 )
+from helpers.settings import make_settings
 from PIL import Image
 
 from app.api.web import CARD_FILES
 from app.main import create_app
-from app.settings import DEFAULT_MODEL_DIR, Settings
+from app.settings import DEFAULT_MODEL_DIR
 from app.training.data import load_fashion_mnist
 
 pytestmark = pytest.mark.slow  # one server start-up and one browser for the module
@@ -434,11 +435,13 @@ def test_the_file_routes_serve_their_allow_lists(server: str) -> None:
         assert again.status_code == 304 and again.content == b""
 
 
-def test_a_model_directory_without_plots_lists_none(tiny_model_dir: Path) -> None:
+async def test_a_model_directory_without_plots_lists_none(tiny_model_dir: Path,
+                                                          tmp_path: Path) -> None:
     # routes only: the card-file routes need the settings, not a running model
-    client = TestClient(create_app(Settings(model_dir=tiny_model_dir, embed_store="memory")))
-    assert client.get("/model/files").json() == {"files": []}
-    r = client.get("/model/files/curves.png")
+    app = create_app(make_settings(tiny_model_dir, tmp_path, embed_store="memory"))
+    async with running(app, lifespan=False) as client:
+        assert (await client.get("/model/files")).json() == {"files": []}
+        r = await client.get("/model/files/curves.png")
     assert r.status_code == 404 and "has no curves.png" in r.json()["error"]["message"]
 
 

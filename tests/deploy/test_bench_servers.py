@@ -3,11 +3,12 @@
 bench/torchserve_handler.py is TorchServe's handler (imgrec's loader, image preparation and
 Predictor) and bench/baseline_fastapi.py the plain FastAPI reference. Neither needs TorchServe
 or a socket here: the handler is called the way TorchServe's worker calls it, the baseline app
-through a TestClient. Both must rank labels exactly as imgrec's /predict does.
+in process (helpers.apps.running). Both must rank labels exactly as imgrec's /predict does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import shutil
@@ -17,11 +18,11 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import png_bytes
-from fastapi.testclient import TestClient
+from helpers.apps import running
+from helpers.images import png_bytes
+from helpers.settings import make_settings
 
 from app.main import create_app
-from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,13 +42,19 @@ def same_ranking(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def imgrec_labels(tiny_model_dir: Path) -> dict[int, list[dict[str, Any]]]:
+def imgrec_labels(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> dict[int, list[dict[str, Any]]]:
     """imgrec's own top-5 for the test images (engine torch, as the handler's default)."""
-    settings = Settings(model_dir=tiny_model_dir, device="cpu", engine="torch",
-                        embed_store="memory", warmup_batches=0)
-    with TestClient(create_app(settings)) as client:
-        return {seed: client.post("/predict", files={"file": ("x.png", png_bytes(seed))})
-                .json()["results"][0]["labels"] for seed in range(3)}
+    settings = make_settings(tiny_model_dir, tmp_path_factory.mktemp("bench"), engine="torch",
+                             embed_store="memory", warmup_batches=0)
+
+    async def labels() -> dict[int, list[dict[str, Any]]]:
+        async with running(create_app(settings)) as client:
+            answers = [await client.post("/predict", files={"file": ("x.png", png_bytes(seed))})
+                       for seed in range(3)]
+        return {seed: r.json()["results"][0]["labels"] for seed, r in enumerate(answers)}
+
+    return asyncio.run(labels())  # a module fixture of sync tests: its own loop
 
 
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
@@ -71,12 +78,12 @@ def test_torchserve_handler_answers_like_imgrec(
     assert "no image" in answers[3]["error"]
 
 
-def test_plain_fastapi_baseline_answers_like_imgrec(
+async def test_plain_fastapi_baseline_answers_like_imgrec(
         tiny_model_dir: Path, imgrec_labels: dict[int, list[dict[str, Any]]]) -> None:
     baseline = load_bench_module("baseline_fastapi")
-    with TestClient(baseline.build(str(tiny_model_dir))) as client:
-        r = client.post("/predict", files=[("file", ("a.png", png_bytes(1))),
-                                           ("file", ("b.png", png_bytes(2)))])
+    async with running(baseline.build(str(tiny_model_dir))) as client:
+        r = await client.post("/predict", files=[("file", ("a.png", png_bytes(1))),
+                                                 ("file", ("b.png", png_bytes(2)))])
     assert r.status_code == 200
     got = [res["labels"] for res in r.json()["results"]]
     assert same_ranking(got[0], imgrec_labels[1]) and same_ranking(got[1], imgrec_labels[2])

@@ -12,83 +12,26 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import png_bytes
 from helpers.daemons import (
     LOOPBACK,
     Daemon,
-    free_port,
     http_status,
-    port_open,
     require_binary,
+    start_nginx,
     start_redis,
     start_replica,
     wait_until,
 )
+from helpers.images import png_bytes
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-NGINX_CONF = REPO / "deploy" / "nginx.conf"
-UPSTREAM_LINE = re.compile(r"^(?P<indent>[ \t]*)server api:8000(?P<params>[^;\n]*);[ \t]*$",
-                           re.MULTILINE)
-LISTEN_LINE = re.compile(r"^(?P<indent>[ \t]*)listen 8080;[ \t]*$", re.MULTILINE)
-
-
-def render_nginx_conf(tmp: Path, upstream_ports: list[int], listen_port: int,
-                      edit: Callable[[str], str] | None = None) -> Path:
-    """deploy/nginx.conf with loopback upstreams and listen port, temp files under tmp.
-
-    Only the two marked lines change (with the same server parameters: max_fails, fail_timeout),
-    plus temp paths, because the compiled-in ones (/var/lib/nginx) need root; and what `edit`
-    changes, if given."""
-    text = NGINX_CONF.read_text()
-    if edit is not None:
-        text = edit(text)
-    assert len(UPSTREAM_LINE.findall(text)) == 1, "deploy/nginx.conf: `server api:8000` line"
-    assert len(LISTEN_LINE.findall(text)) == 1, "deploy/nginx.conf: `listen 8080;` line"
-
-    def servers(m: re.Match[str]) -> str:
-        return "\n".join(f"{m['indent']}server {LOOPBACK}:{p}{m['params']};"
-                         for p in upstream_ports)
-
-    text = UPSTREAM_LINE.sub(servers, text)
-    text = LISTEN_LINE.sub(lambda m: f"{m['indent']}listen {LOOPBACK}:{listen_port};", text)
-    temps = "".join(f"    {kind}_temp_path {tmp / kind};\n"
-                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    text, n = re.subn(r"^http \{\n", "http {\n" + temps, text, count=1, flags=re.MULTILINE)
-    assert n == 1, "deploy/nginx.conf: no `http {` block"
-    out = tmp / "nginx.conf"
-    out.write_text(text)
-    return out
-
-
-def start_nginx(tmp: Path, upstream_ports: list[int],
-                edit: Callable[[str], str] | None = None) -> tuple[Daemon, int]:
-    binary = require_binary("nginx")
-    port = 0
-    for _ in range(5):  # another process may take the free port before nginx binds it
-        port = free_port()
-        conf = render_nginx_conf(tmp, upstream_ports, port, edit)
-        # As root, the workers would otherwise run as `nobody`, who cannot enter pytest's
-        # 0700 tmp dirs; as non-root the directive is ignored with a notice.
-        user = " user root;" if os.geteuid() == 0 else ""
-        d = Daemon("nginx", [binary, "-p", f"{tmp}/", "-c", str(conf), "-e", "stderr",
-                             "-g", f"daemon off; pid {tmp}/nginx.pid;{user}"], tmp)
-        try:
-            wait_until(lambda p=port: port_open(p), 15, "nginx to listen", d)
-            return d, port
-        except AssertionError:
-            d.stop()
-            if "Address already in use" not in d.tail():
-                raise
-    raise AssertionError("nginx found no free port in 5 tries")
 
 
 @dataclass
@@ -135,12 +78,12 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, served_model_dir: Path) -> Iterator[Cluster]:
     require_binary("nginx")
     require_binary("redis-server")
     tmp = tmp_path_factory.mktemp("deploy")
     redis_daemon, url = start_redis(tmp)
-    c = Cluster(tmp, tiny_model_dir, url, daemons=[redis_daemon])
+    c = Cluster(tmp, served_model_dir, url, daemons=[redis_daemon])
     try:
         c.replicas = [c.start_replica("replica-a"), c.start_replica("replica-b")]
         nginx, c.nginx_port = start_nginx(tmp, [r.port for r in c.replicas])

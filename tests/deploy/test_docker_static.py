@@ -8,6 +8,8 @@ docker-compose 1.29). Missing tools skip on a workstation and fail in CI.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import re
@@ -126,14 +128,18 @@ def test_hadolint_passes() -> None:
 
 
 def compose_config(files: list[str]) -> dict[str, Any]:
+    """`docker-compose config` of the files: validated (a non-zero exit otherwise) and merged.
+    One run per set of files (docker-compose takes seconds to start), a copy per caller."""
+    return copy.deepcopy(_compose_config(tuple(files)))
+
+
+@functools.cache
+def _compose_config(files: tuple[str, ...]) -> dict[str, Any]:
     compose = require_binary("docker-compose")
     args = [compose, "--project-directory", str(REPO)]
     for f in files:
         args += ["-f", str(REPO / f)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGREC_", "COMPOSE_"))}
-    r = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60,
-                       env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     config = yaml.safe_load(r.stdout)

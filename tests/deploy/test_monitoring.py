@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +161,9 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
 
 
 # -- the metrics the two need --------------------------------------------------------------------
-async def test_model_info_and_queue_capacity_are_exposed(tiny_model_dir: Path) -> None:
-    app = create_app(Settings(model_dir=tiny_model_dir, device="cpu", engine="torch",
-                              embed_store="memory", warmup_batches=0, max_queue=77))
+async def test_model_info_and_queue_capacity_are_exposed(
+        tiny_settings: Callable[..., Settings]) -> None:
+    app = create_app(tiny_settings(embed_store="memory", warmup_batches=0, max_queue=77))
     async with running(app) as c:
         text = (await c.get("/metrics")).text
         card = app.state.service.card

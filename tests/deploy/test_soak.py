@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_soak_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_soak_smoke(served_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak"
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration-s", "4", "--concurrency",
          "4", "--sample-s", "1", "--warmup-s", "1", "--variants", "1",
-         "--model-dir", str(tiny_model_dir), "--out-dir", str(out)],
+         "--model-dir", str(served_model_dir), "--out-dir", str(out)],
         capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout + run.stderr

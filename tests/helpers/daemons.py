@@ -1,4 +1,5 @@
-"""Helpers for tests that run real processes: redis-server, nginx, `imgrec serve` replicas.
+"""Helpers for tests that run real processes: redis-server, nginx (with deploy/nginx.conf),
+`imgrec serve` replicas.
 
 Everything listens on loopback only, on ports the kernel picked as free, with every wait bounded
 in time; every process started here is stopped by the fixture that started it.
@@ -7,6 +8,7 @@ in time; every process started here is stopped by the fixture that started it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[2]
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
 
@@ -166,7 +169,8 @@ def start_redis(tmp: Path, timeout_s: float = 20.0, port: int = 0, search: bool 
 def start_replica(name: str, tmp: Path, model_dir: Path, extra_env: Mapping[str, str],
                   port: int = 0, timeout_s: float = 180.0) -> tuple[Daemon, int]:
     """`imgrec serve` on a loopback port (free, unless given); returns once /readyz is 200.
-    (Start-up exports the network to ONNX: on a busy 2-core machine that took over 60 s.)"""
+    (A directory without model.onnx is exported at start-up: on a busy 2-core machine that took
+    over 60 s. The served_model_dir fixture has its graph.)"""
     port = port or free_port()
     env = dict(os.environ)
     env.update({"IMGREC_MODEL_DIR": str(model_dir), "IMGREC_DEVICE": "cpu",
@@ -183,3 +187,61 @@ def start_replica(name: str, tmp: Path, model_dir: Path, extra_env: Mapping[str,
         d.stop()
         raise
     return d, port
+
+
+NGINX_CONF = REPO / "deploy" / "nginx.conf"
+UPSTREAM_LINE = re.compile(r"^(?P<indent>[ \t]*)server api:8000(?P<params>[^;\n]*);[ \t]*$",
+                           re.MULTILINE)
+LISTEN_LINE = re.compile(r"^(?P<indent>[ \t]*)listen 8080;[ \t]*$", re.MULTILINE)
+
+
+def render_nginx_conf(tmp: Path, upstream_ports: list[int], listen_port: int,
+                      edit: Callable[[str], str] | None = None) -> Path:
+    """deploy/nginx.conf with loopback upstreams and listen port, temp files under tmp.
+
+    Only the two marked lines change (with the same server parameters: max_fails, fail_timeout),
+    plus temp paths, because the compiled-in ones (/var/lib/nginx) need root; and what `edit`
+    changes, if given."""
+    text = NGINX_CONF.read_text()
+    if edit is not None:
+        text = edit(text)
+    assert len(UPSTREAM_LINE.findall(text)) == 1, "deploy/nginx.conf: `server api:8000` line"
+    assert len(LISTEN_LINE.findall(text)) == 1, "deploy/nginx.conf: `listen 8080;` line"
+
+    def servers(m: re.Match[str]) -> str:
+        return "\n".join(f"{m['indent']}server {LOOPBACK}:{p}{m['params']};"
+                         for p in upstream_ports)
+
+    text = UPSTREAM_LINE.sub(servers, text)
+    text = LISTEN_LINE.sub(lambda m: f"{m['indent']}listen {LOOPBACK}:{listen_port};", text)
+    temps = "".join(f"    {kind}_temp_path {tmp / kind};\n"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    text, n = re.subn(r"^http \{\n", "http {\n" + temps, text, count=1, flags=re.MULTILINE)
+    assert n == 1, "deploy/nginx.conf: no `http {` block"
+    out = tmp / "nginx.conf"
+    out.write_text(text)
+    return out
+
+
+def start_nginx(tmp: Path, upstream_ports: list[int],
+                edit: Callable[[str], str] | None = None) -> tuple[Daemon, int]:
+    """nginx with render_nginx_conf()'s config in front of the upstream ports, listening on a
+    free loopback port; returns (daemon, port)."""
+    binary = require_binary("nginx")
+    port = 0
+    for _ in range(5):  # another process may take the free port before nginx binds it
+        port = free_port()
+        conf = render_nginx_conf(tmp, upstream_ports, port, edit)
+        # As root, the workers would otherwise run as `nobody`, who cannot enter pytest's
+        # 0700 tmp dirs; as non-root the directive is ignored with a notice.
+        user = " user root;" if os.geteuid() == 0 else ""
+        d = Daemon("nginx", [binary, "-p", f"{tmp}/", "-c", str(conf), "-e", "stderr",
+                             "-g", f"daemon off; pid {tmp}/nginx.pid;{user}"], tmp)
+        try:
+            wait_until(lambda p=port: port_open(p), 15, "nginx to listen", d)
+            return d, port
+        except AssertionError:
+            d.stop()
+            if "Address already in use" not in d.tail():
+                raise
+    raise AssertionError("nginx found no free port in 5 tries")

@@ -7,15 +7,18 @@ change what it answers.
 
 from __future__ import annotations
 
-import io
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
+import pytest_asyncio
+from helpers.apps import running
+from helpers.images import encode
+from helpers.settings import make_settings
 from PIL import Image
 
 from app.main import create_app
@@ -43,20 +46,16 @@ def fashion() -> tuple[np.ndarray, np.ndarray]:
     return data.test.images[:, 0].numpy(), data.test.labels.numpy()
 
 
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+# the tests that use it share one app, on the module's event loop
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shipped(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
     """The shipped model served with the default limits."""
-    tmp = tmp_path_factory.mktemp("shipped")
-    s = Settings(model_dir=DEFAULT_MODEL_DIR, device="cpu", warmup_batches=1,
-                 embed_store=str(tmp / "emb.sqlite3"))
-    with TestClient(create_app(s)) as c:
+    s = make_settings(DEFAULT_MODEL_DIR, tmp_path_factory.mktemp("shipped"))
+    async with running(create_app(s)) as c:
         yield c
-
-
-def encode(image: Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def stored_with_orientation(upright: Image.Image, orientation: int, fmt: str,
@@ -68,19 +67,19 @@ def stored_with_orientation(upright: Image.Image, orientation: int, fmt: str,
     return encode(stored, fmt, exif=exif.tobytes(), **kw)
 
 
-def top_label(client: TestClient, data: bytes) -> int:
-    r = client.post("/predict", files=[("file", ("x", data))])
+async def top_label(client: httpx.AsyncClient, data: bytes) -> int:
+    r = await client.post("/predict", files=[("file", ("x", data))])
     assert r.status_code == 200, r.text
     return int(r.json()["results"][0]["labels"][0]["index"])
 
 
-def garments(fashion: tuple[np.ndarray, np.ndarray], client: TestClient, n: int
-             ) -> list[tuple[np.ndarray, int]]:
+async def garments(fashion: tuple[np.ndarray, np.ndarray], client: httpx.AsyncClient, n: int
+                   ) -> list[tuple[np.ndarray, int]]:
     """The first n test garments the shipped model gets right as plain 28x28 PNGs."""
     images, labels = fashion
     chosen: list[tuple[np.ndarray, int]] = []
     for img, label in zip(images, labels, strict=True):
-        if top_label(client, encode(Image.fromarray(img), "PNG")) == int(label):
+        if await top_label(client, encode(Image.fromarray(img), "PNG")) == int(label):
             chosen.append((img, int(label)))
         if len(chosen) == n:
             return chosen
@@ -115,13 +114,14 @@ def test_every_exif_orientation_decodes_upright(fmt: str, kw: dict[str, Any], ex
 
 
 @pytest.mark.slow
-def test_a_photo_keeps_its_label_in_every_orientation(
-        shipped: TestClient, fashion: tuple[np.ndarray, np.ndarray]) -> None:
-    for k, (garment, label) in enumerate(garments(fashion, shipped, 3)):
+@on_module_loop
+async def test_a_photo_keeps_its_label_in_every_orientation(
+        shipped: httpx.AsyncClient, fashion: tuple[np.ndarray, np.ndarray]) -> None:
+    for k, (garment, label) in enumerate(await garments(fashion, shipped, 3)):
         photo = photo_like(garment, (2016, 1512), seed=k)
         for orientation in range(1, 9):
             data = stored_with_orientation(photo, orientation, "JPEG", quality=90)
-            assert top_label(shipped, data) == label, (k, orientation)
+            assert await top_label(shipped, data) == label, (k, orientation)
 
 
 # -- formats and modes ---------------------------------------------------------------------------
@@ -168,13 +168,14 @@ def test_accepted_formats_are_the_documented_ones() -> None:
 
 
 @pytest.mark.slow
-def test_every_format_and_mode_gets_the_garments_label(
-        shipped: TestClient, fashion: tuple[np.ndarray, np.ndarray]) -> None:
-    [(garment, label)] = garments(fashion, shipped, 1)
+@on_module_loop
+async def test_every_format_and_mode_gets_the_garments_label(
+        shipped: httpx.AsyncClient, fashion: tuple[np.ndarray, np.ndarray]) -> None:
+    [(garment, label)] = await garments(fashion, shipped, 1)
     images, labels = fashion
     other = images[np.flatnonzero(labels != label)[0]]
     for name, data in variants(garment, other).items():
-        assert top_label(shipped, data) == label, name
+        assert await top_label(shipped, data) == label, name
 
 
 def test_odd_modes_convert_to_the_expected_pixels() -> None:
@@ -218,29 +219,31 @@ def jpeg_claiming(width: int, height: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_phone_photos_fit_the_default_limits_and_bombs_do_not(shipped: TestClient) -> None:
+@on_module_loop
+async def test_phone_photos_fit_the_default_limits_and_bombs_do_not(
+        shipped: httpx.AsyncClient) -> None:
     defaults = Settings()
     # a 48 MP phone JPEG (8000 x 6000): decoded at 1/8, 0.75 MP
     smooth = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8))
     photo = jpeg_bytes(smooth.resize((8000, 6000), Image.Resampling.BILINEAR), quality=90)
     assert len(photo) < defaults.max_upload_bytes
-    r = shipped.post("/predict", files=[("file", ("big.jpg", photo))])
+    r = await shipped.post("/predict", files=[("file", ("big.jpg", photo))])
     assert r.status_code == 200, r.text
     # 64 MP of PNG would be decoded at full size: over the decoded-pixel limit, refused from the
     # header (413, not the 415 a decode of this truncated file would give)
-    r = shipped.post("/predict", files=[("file", ("bomb.png", png_header(8000, 8000)))])
+    r = await shipped.post("/predict", files=[("file", ("bomb.png", png_header(8000, 8000)))])
     assert (r.status_code, r.json()["error"]["code"]) == (413, "image_too_large")
-    assert shipped.post("/predict", files=[("file", ("ok.png", png_header(4000, 3000)))]) \
-        .status_code == 415  # the same file within the limits is decoded (and found truncated)
+    r = await shipped.post("/predict", files=[("file", ("ok.png", png_header(4000, 3000)))])
+    assert r.status_code == 415  # the same file within the limits is decoded (and found truncated)
     # a JPEG beyond the header ceiling is refused however small it would decode
     over = jpeg_claiming(20000, 15000)
     assert defaults.max_image_header_pixels < 20000 * 15000
-    r = shipped.post("/predict", files=[("file", ("bomb.jpg", over))])
+    r = await shipped.post("/predict", files=[("file", ("bomb.jpg", over))])
     assert (r.status_code, r.json()["error"]["code"]) == (413, "image_too_large")
     # a 65535 x 65535 PNG (4.3 G pixels) likewise
-    r = shipped.post("/predict", files=[("file", ("bomb.png", png_header(65535, 65535)))])
+    r = await shipped.post("/predict", files=[("file", ("bomb.png", png_header(65535, 65535)))])
     assert (r.status_code, r.json()["error"]["code"]) == (413, "image_too_large")
-    assert shipped.get("/readyz").status_code == 200
+    assert (await shipped.get("/readyz")).status_code == 200
 
 
 def test_the_decoded_pixel_limit_counts_what_is_decoded() -> None:

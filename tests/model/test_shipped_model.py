@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -10,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
+from helpers.apps import running
+from helpers.images import encode
+from helpers.settings import make_settings
 from PIL import Image
 
 from app.main import create_app
 from app.nn import load_model_dir
-from app.settings import DEFAULT_MODEL_DIR, Settings
+from app.settings import DEFAULT_MODEL_DIR
 from app.training.data import load_fashion_mnist
 
 SHIPPED = DEFAULT_MODEL_DIR
@@ -28,9 +29,7 @@ def fashion_test() -> tuple[np.ndarray, np.ndarray]:
 
 
 def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
+    return encode(Image.fromarray(arr, mode="L"), "PNG")
 
 
 def test_the_shipped_model_directory_is_complete() -> None:
@@ -44,6 +43,7 @@ def test_the_shipped_model_directory_is_complete() -> None:
     assert len(card.metrics["confusion_matrix"]) == 10
 
 
+@pytest.mark.slow  # 10,000 test images through `imgrec evaluate`
 def test_re_evaluation_reaches_the_top1_its_card_claims() -> None:
     out = subprocess.run([sys.executable, "-m", "app.cli", "evaluate", str(SHIPPED)],
                          capture_output=True, text=True, timeout=600, check=True)
@@ -53,27 +53,25 @@ def test_re_evaluation_reaches_the_top1_its_card_claims() -> None:
     assert result["top1"] >= 94.0
 
 
-def test_served_predictions_are_right_and_photo_sized_uploads_agree(
+async def test_served_predictions_are_right_and_photo_sized_uploads_agree(
         fashion_test: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     images, labels = fashion_test
-    settings = Settings(device="cpu", embed_store="memory", warmup_batches=1)
+    settings = make_settings(SHIPPED, tmp_path, embed_store="memory")
     n = 200
-    with TestClient(create_app(settings)) as c:
-        names = c.get("/model").json()["labels"]
+    async with running(create_app(settings)) as c:
+        names = (await c.get("/model")).json()["labels"]
         small, large = [], []
         for i in range(n):
-            r = c.post("/predict", params={"top_k": 1},
-                       files=[("file", (f"{i}.png", png(images[i])))])
+            r = await c.post("/predict", params={"top_k": 1},
+                             files=[("file", (f"{i}.png", png(images[i])))])
             small.append(r.json()["results"][0]["labels"][0]["index"])
             # the same garment as a 224 px RGB JPEG "photo"
             photo = Image.fromarray(images[i], mode="L").convert("RGB").resize(
                 (224, 224), Image.Resampling.BICUBIC)
-            buf = io.BytesIO()
-            photo.save(buf, format="JPEG", quality=92)
-            r = c.post("/predict", params={"top_k": 1},
-                       files=[("file", (f"{i}.jpg", buf.getvalue()))])
+            r = await c.post("/predict", params={"top_k": 1},
+                             files=[("file", (f"{i}.jpg", encode(photo, "JPEG", quality=92)))])
             large.append(r.json()["results"][0]["labels"][0]["index"])
-        first = c.post("/predict", files=[("file", ("0.png", png(images[0])))]).json()
+        first = (await c.post("/predict", files=[("file", ("0.png", png(images[0])))])).json()
     assert first["results"][0]["labels"][0]["label"] == names[labels[0]] == "Ankle boot"
     accuracy = np.mean(np.array(small) == labels[:n])
     agreement = np.mean(np.array(small) == np.array(large))
@@ -81,6 +79,7 @@ def test_served_predictions_are_right_and_photo_sized_uploads_agree(
     assert agreement >= 0.95, agreement
 
 
+@pytest.mark.slow  # 10,000 test images through each of the two graphs
 def test_the_shipped_model_holds_its_graphs_and_the_int8_one_is_as_accurate() -> None:
     """model.onnx and model.int8.onnx are the card's (sha256, exported from these weights), and
     the int8 graph reaches the test top-1 the card records, within 0.3 points of float32."""

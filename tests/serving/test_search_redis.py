@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from conftest import png_bytes
-from fastapi.testclient import TestClient
+from helpers.apps import running
 from helpers.daemons import Daemon, start_redis
+from helpers.images import png_bytes
+from helpers.settings import make_settings
 
 from app.main import create_app
 from app.serving.store.redis_store import RedisStore, _member
 from app.serving.store.vector_index import SearchUnavailable
-from app.settings import Settings
 
 MODEL = "c" * 64
 
@@ -97,25 +97,25 @@ def test_redis_old_layout_is_moved_and_searched(search_url: str) -> None:
         r.close()
 
 
-def test_plain_redis_stores_but_cannot_search(plain_url: str, tiny_model_dir: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+async def test_plain_redis_stores_but_cannot_search(plain_url: str, served_model_dir: Path,
+                                                    tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     store = RedisStore(plain_url, max_items=10, prefix="t-plain")
     try:
         with pytest.raises(SearchUnavailable, match="search module"):
             store.search(MODEL, vecs(1)[0], 3)
     finally:
         store.close()
-    settings = Settings(model_dir=tiny_model_dir, device="cpu", warmup_batches=1,
-                        embed_store=plain_url, engine="torch")
-    with TestClient(create_app(settings)) as c:
+    settings = make_settings(served_model_dir, tmp_path, embed_store=plain_url)
+    async with running(create_app(settings)) as c:
         assert "no search module" in caplog.text
-        r = c.post("/embed", files=[("file", ("a.png", png_bytes(1)))])
+        r = await c.post("/embed", files=[("file", ("a.png", png_bytes(1)))])
         assert r.status_code == 200
         image_id = r.json()["results"][0]["id"]
-        assert c.get("/embed", params={"id": image_id}).status_code == 200
-        r = c.get("/search", params={"id": image_id})
+        assert (await c.get("/embed", params={"id": image_id})).status_code == 200
+        r = await c.get("/search", params={"id": image_id})
         assert r.status_code == 501 and r.json()["error"]["code"] == "search_unavailable"
-        r = c.post("/search", files=[("file", ("a.png", png_bytes(2)))])
+        r = await c.post("/search", files=[("file", ("a.png", png_bytes(2)))])
         assert r.status_code == 501
 
 
