@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import png_bytes
 from helpers.daemons import LOOPBACK, Daemon, free_port, http_status, wait_until
+from helpers.images import png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL = REPO / "models" / "fashion-mnist"
