@@ -149,6 +149,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
                           check=False)
 
 
+@pytest.mark.slow
 @needs_data
 def test_tiny_training_run_writes_a_loadable_model_directory(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
@@ -201,6 +202,7 @@ def test_tiny_training_run_writes_a_loadable_model_directory(tmp_path: Path) -> 
     assert abs(result["top1"] - load_model_dir(out).card.metrics["test_top1"]) < 0.05
 
 
+@pytest.mark.slow
 def test_image_folder_training(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for split, count in (("train", 24), ("test", 8)):
@@ -220,6 +222,7 @@ def test_image_folder_training(tmp_path: Path) -> None:
     assert card.metrics["test_images"] == 16
 
 
+@pytest.mark.slow
 @needs_data
 def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
