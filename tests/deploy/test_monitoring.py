@@ -143,7 +143,7 @@ def test_alerts_cover_the_issue_and_read_like_alerts() -> None:
     rules = alert_rules()
     assert {r["alert"] for r in rules} >= {
         "ImgrecDown", "ImgrecNotReady", "ImgrecServerErrors", "ImgrecOverloaded",
-        "ImgrecQueueNearFull", "ImgrecStoreDown", "ImgrecLatencyHigh"}
+        "ImgrecQueueNearFull", "ImgrecStoreDown", "ImgrecLatencyHigh", "ImgrecModelReloadFailed"}
     known = exposed()
     for r in rules:
         assert re.fullmatch(r"\d+m", r["for"]), r["alert"]
