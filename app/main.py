@@ -46,6 +46,7 @@ def _sighup_reloads(reloads: list[tuple[str, Callable[[], object]]]) -> Iterator
         if reloads:
             loop.run_in_executor(None, reload_all)
 
+    before = signal.getsignal(signal.SIGHUP)  # imgrec serve ignores it until now (serve/cli.py)
     try:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     except (RuntimeError, ValueError, NotImplementedError):
@@ -55,7 +56,9 @@ def _sighup_reloads(reloads: list[tuple[str, Callable[[], object]]]) -> Iterator
     try:
         yield
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        loop.remove_signal_handler(signal.SIGHUP)  # which sets the default action: ending
+        if before is not None:
+            signal.signal(signal.SIGHUP, before)
 
 
 def _on_loop(reload: Callable[[str], Coroutine[object, object, str]], trigger: str

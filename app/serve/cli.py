@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -28,6 +29,10 @@ BACKLOG = 2048
 def serve_main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; a refusal at start-up is one line on stderr (refusals.py
     says which exit status means what)."""
+    # SIGHUP's default action ends the process. Until the app handles it (app/main.py, from
+    # the start of its lifespan) and after, it is ignored: the start-up loads the model
+    # directory as it is then anyway, and a process on its way out has nothing to reload.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         settings = _checked_settings(argv)
     except Refusal as e:

@@ -91,3 +91,48 @@ def test_sighup_without_api_keys_leaves_the_server_serving(tiny_model_dir: Path,
     finally:
         daemon.stop()
     assert daemon.proc.returncode == 0  # and SIGTERM still stops it cleanly
+
+
+@pytest.mark.slow
+def test_sighup_during_start_up_neither_ends_nor_confuses_it(served_model_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """SIGHUPs from the moment `imgrec serve` has started its own code (its first log line) until
+    it is ready: each one before the app's lifespan is ignored, each one while the model loads
+    is logged as ignored, and the process becomes ready and serves."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update({"IMGREC_MODEL_DIR": str(served_model_dir), "IMGREC_DEVICE": "cpu",
+                "IMGREC_HOST": LOOPBACK, "IMGREC_PORT": str(port), "IMGREC_LOG_LEVEL": "info",
+                "IMGREC_EMBED_STORE": "memory", "IMGREC_GRPC_PORT": "0",
+                "IMGREC_WARMUP_BATCHES": "3"})
+    d = Daemon("imgrec", [venv_binary("imgrec"), "serve"], tmp_path, env=env, cwd=tmp_path)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        # serve_main's first line (the malloc tip), logged before the app is even created
+        wait_until(lambda: "tip: MALLOC_MMAP_THRESHOLD_" in d.tail(), 60, "the first line", d)
+        sent = 0
+        while http_status(url + "/readyz") != 200:
+            assert d.alive(), d.tail()
+            os.kill(d.pid, signal.SIGHUP)
+            sent += 1
+            time.sleep(0.02)  # a signal every 20 ms, not a synchronisation
+        assert sent > 0 and "ignored: the service is starting" in d.tail(20000)
+        r = httpx.post(url + "/predict", files=[("file", ("a.png", png_bytes(1)))], timeout=30)
+        assert r.status_code == 200 and d.alive()
+    finally:
+        d.stop()
+    assert d.proc.returncode == 0
+
+
+async def test_the_lifespan_hands_sighup_back_as_it_found_it() -> None:
+    """Outside the app's lifespan SIGHUP keeps what serve_main set (ignored), not the default
+    action that ends the process, which asyncio's remove_signal_handler would leave."""
+    from app.main import _sighup_reloads
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _sighup_reloads([]):
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
