@@ -26,6 +26,8 @@ from helpers.daemons import LOOPBACK, Daemon, port_open, start_replica
 pytestmark = pytest.mark.slow
 
 BOUNDARY = "shutdowntestboundary"
+# the lame duck after SIGTERM: long enough that the checks inside it run inside it on a busy machine
+LAME_DUCK_S = 6
 
 
 def predict_request(image: bytes, keep_alive: bool = False) -> bytes:
@@ -140,7 +142,7 @@ def test_burst_then_signal_answers_every_connection(
 
 def test_lame_duck_readiness_503_while_predict_is_served(
         tiny_model_dir: Path, tmp_path: Path, daemons: list[Daemon]) -> None:
-    d, port = serve(tmp_path, tiny_model_dir, IMGREC_DRAIN_DELAY_S="3")
+    d, port = serve(tmp_path, tiny_model_dir, IMGREC_DRAIN_DELAY_S=str(LAME_DUCK_S))
     daemons.append(d)
     url = f"http://{LOOPBACK}:{port}"
     files = [("file", ("a.png", png_bytes(1)))]
@@ -149,18 +151,19 @@ def test_lame_duck_readiness_503_while_predict_is_served(
         assert first.status_code == 200 and first.headers.get("connection") != "close"
         d.proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
+        # readiness must turn 503 inside the lame duck (after it, nothing answers at all)
         while (ready := httpx.get(url + "/readyz", timeout=5)).status_code != 503:
-            assert time.monotonic() - sent < 1, "readiness still 200 after SIGTERM"
-            time.sleep(0.02)
+            assert time.monotonic() - sent < LAME_DUCK_S, "readiness 200 all the lame duck"
+            time.sleep(0.02)  # polling, not a synchronisation
         assert ready.json()["error"]["code"] == "not_ready" and "retry-after" in ready.headers
         # the idle pooled connection is still served, and told to close
         reused = pooled.post("/predict", files=files)
         assert reused.status_code == 200 and reused.headers["connection"] == "close"
-    # new connections too, until the lame duck ends
+    # new connections too, until the lame duck ends: one that is answered, and told to close,
+    # was accepted by the listener the lame duck keeps open (after it, it would be refused)
     fresh = httpx.post(url + "/predict", files=files, timeout=30)
     assert fresh.status_code == 200 and fresh.headers["connection"] == "close"
-    assert time.monotonic() - sent < 3, "the checks above must run inside the lame duck"
     assert d.proc.wait(30) == 0, d.tail()
-    assert time.monotonic() - sent >= 3  # the listener stayed open for the whole lame duck
+    assert time.monotonic() - sent >= LAME_DUCK_S  # the listener stayed open for all of it
     assert not port_open(port)
 

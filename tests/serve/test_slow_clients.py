@@ -43,10 +43,10 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         d.stop()
 
 
-def trickle(port: int, head: bytes, chunk: bytes, every_s: float, limit_s: float
-            ) -> tuple[float, bytes]:
+def trickle(port: int, head: bytes, chunk: bytes, every_s: float, limit_s: float,
+            head_sent: threading.Event | None = None) -> tuple[float, bytes]:
     """Send head, then chunk every every_s until the server closes (or limit_s passes); returns
-    (seconds until the server closed, what it answered)."""
+    (seconds until the server closed, what it answered). head_sent is set once head is out."""
     # the clock starts before connecting: the server's deadline starts when it accepts, which
     # can come before this thread runs again after connect() returns
     started = time.monotonic()
@@ -54,6 +54,8 @@ def trickle(port: int, head: bytes, chunk: bytes, every_s: float, limit_s: float
     answer = b""
     try:
         s.sendall(head)
+        if head_sent is not None:
+            head_sent.set()
         s.settimeout(every_s)
         while time.monotonic() - started < limit_s:
             try:
@@ -88,11 +90,15 @@ def test_trickled_body_is_cut_with_408_while_others_are_served(server: tuple[str
     head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
     results: list[tuple[float, bytes]] = []
-    tricklers = [threading.Thread(target=lambda: results.append(trickle(port, head, b"x", 0.2, 10)))
-                 for _ in range(4)]
+    started = [threading.Event() for _ in range(4)]
+
+    def one(head_sent: threading.Event) -> None:
+        results.append(trickle(port, head, b"x", 0.2, 10, head_sent))
+
+    tricklers = [threading.Thread(target=one, args=(e,)) for e in started]
     for t in tricklers:
         t.start()
-    time.sleep(0.3)
+    assert all(e.wait(10) for e in started)
     normal = predict(url)  # served while four connections trickle their bodies
     for t in tricklers:
         t.join()
