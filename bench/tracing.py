@@ -14,6 +14,7 @@ uploads. Prints the median per arm and concurrency, the ratios to "off", and the
 receiver got per request served. Asserts nothing.
 
     python bench/tracing.py --rounds 3
+    python bench/tracing.py --micro     # CPU per request of the tracing code alone, in process
     git worktree add /tmp/before <commit>; python bench/tracing.py --baseline-tree /tmp/before
 """
 
@@ -63,6 +64,77 @@ def start_receiver(port: int) -> subprocess.Popen[str]:
     return proc
 
 
+def micro(requests: int = 5000) -> None:
+    """CPU per request of the request's edges (id, context, server span) and of a request's
+    seven spans (server, read upload, decode, queue wait, forward, store write, its batch), in
+    this process, with nothing else: off; on but not sampled; sampled, spans made and dropped;
+    sampled, spans batched and encoded as the OTLP exporter encodes them (no network)."""
+    import time
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    from app.api.request_middleware import finish_span, start
+    from app.serving.request_context import CURRENT
+    from app.serving.tracing import Tracing
+
+    class Dropped(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    class Encoded(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()  # type: ignore[arg-type]
+            return SpanExportResult.SUCCESS
+
+    def provider(sampler: object, processor: object) -> Tracing:
+        p = TracerProvider(sampler=sampler)  # type: ignore[arg-type]
+        p.add_span_processor(processor)  # type: ignore[arg-type]
+        return Tracing(p)
+
+    cases = [("off", Tracing()),
+             ("on, not sampled", provider(ALWAYS_OFF, SimpleSpanProcessor(Dropped()))),
+             ("on, spans made and dropped", provider(ALWAYS_ON, SimpleSpanProcessor(Dropped()))),
+             ("on, spans batched and OTLP-encoded",
+              provider(ALWAYS_ON, BatchSpanProcessor(Encoded(), max_queue_size=65536)))]
+    print(f"# python bench/tracing.py --micro ({requests} requests each)")
+    print("| tracing | CPU us per request |")
+    print("|---|---|")
+    for label, tracing in cases:
+        def one(tracing: Tracing = tracing) -> None:
+            ctx = start(tracing, None, "POST", (), {"http.request.method": "POST"})
+            token = CURRENT.set(ctx)
+            with tracing.span("read upload"):
+                pass
+            span = tracing.request_span()
+            if span is not None:
+                now = time.time_ns()
+                tracing.child(span, "decode", now, now + 1000, {"imgrec.image.index": 0})
+                batch = tracing.start_batch([span.get_span_context()], 1, {"m": "x"})
+                assert batch is not None
+                batch[1].end_ns = batch[1].store_start_ns = batch[1].store_end_ns = now
+                batch[0].end()
+                tracing.request_batches(span, now, [batch[1]])
+            finish_span(ctx, "POST /predict", None, {"http.response.status_code": 200})
+            CURRENT.reset(token)
+
+        for _ in range(500):
+            one()
+        started = time.process_time()
+        for _ in range(requests):
+            one()
+        tracing.force_flush()
+        used = time.process_time() - started
+        print(f"| {label} | {used / requests * 1e6:.1f} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", default=str(ROOT / "models" / "fashion-mnist"))
@@ -70,7 +142,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
     p.add_argument("--concurrency", default="1,64")
     p.add_argument("--baseline-tree", help="also serve this source tree (tracing off)")
+    p.add_argument("--micro", action="store_true", help="only the in-process CPU per request")
     args = p.parse_args()
+    if args.micro:
+        micro()
+        return 0
     levels = [int(c) for c in args.concurrency.split(",")]
     receiver_port = free_port()
     on = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
