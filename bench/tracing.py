@@ -143,6 +143,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,64")
     p.add_argument("--baseline-tree", help="also serve this source tree (tracing off)")
     p.add_argument("--micro", action="store_true", help="only the in-process CPU per request")
+    p.add_argument("--arms", help="only these arms, comma-separated (off is always run)")
     args = p.parse_args()
     if args.micro:
         micro()
@@ -159,6 +160,9 @@ def main() -> int:
                                                     ("on, 1/10 sampled", ROOT, tenth)]
     if args.baseline_tree:
         arms.append(("baseline", Path(args.baseline_tree).resolve(), {}))
+    if args.arms:
+        wanted = {"off", *args.arms.split(",")}
+        arms = [a for a in arms if a[0] in wanted]
     runs: dict[tuple[str, int], list[Run]] = {}
     served_on = served_sampled = 0
     receiver = start_receiver(receiver_port)
@@ -192,7 +196,7 @@ def main() -> int:
     print(f"# medians of {args.rounds} interleaved rounds, {args.seconds:g} s per wrk run; "
           f"the receiver got {spans} spans for {served_on} requests served with every one "
           f"sampled and {served_sampled} with one in ten")
-    print("| arm | conc. | req/s | p50 ms | p99 ms | server CPU ms/req | errors |")
+    print("| arm | conc. | req/s | p50 ms | p99 ms | server CPU ms/req (min-max) | errors |")
     print("|---|---|---|---|---|---|---|")
     for c in levels:
         for name, _, _ in arms:
@@ -200,11 +204,13 @@ def main() -> int:
             print(f"| {name} | {c} | {statistics.median(r.rps for r in rs):.0f} | "
                   f"{statistics.median(r.p50_ms for r in rs):.2f} | "
                   f"{statistics.median(r.p99_ms for r in rs):.2f} | "
-                  f"{statistics.median(r.cpu_ms_per_req for r in rs):.2f} | "
+                  f"{statistics.median(r.cpu_ms_per_req for r in rs):.2f} "
+                  f"({min(r.cpu_ms_per_req for r in rs):.2f}-"
+                  f"{max(r.cpu_ms_per_req for r in rs):.2f}) | "
                   f"{sum(r.errors for r in rs)} |")
         off = statistics.median(r.rps for r in runs[("off", c)])
         off_cpu = statistics.median(r.cpu_ms_per_req for r in runs[("off", c)])
-        for name, _, _ in arms[1:]:
+        for name, _, _ in [a for a in arms if a[0] != "off"]:
             rps = statistics.median(r.rps for r in runs[(name, c)])
             cpu = statistics.median(r.cpu_ms_per_req for r in runs[(name, c)])
             print(f"| {name} / off | {c} | {rps / off:.2f} | | | {cpu / off_cpu:.2f} | |")
