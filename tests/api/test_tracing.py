@@ -24,6 +24,7 @@ from helpers.waits import until
 
 from app.main import create_app
 from app.serve.logs import handler
+from app.serving.request_context import well_formed
 from app.serving.tracing import TracingError, check_env, describe
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -178,8 +179,11 @@ async def test_the_fast_path_and_fastapi_routes_trace_alike(
 def test_oip_rest_and_grpc_trace_like_predict(
         served_model_dir: Path, tmp_path: Path, receiver: OtlpReceiver,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    import grpc
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
 
     trace_to(monkeypatch, receiver, protocol="grpc")  # and the OTLP/gRPC exporter
     images = np.array([[png_bytes(5)]], dtype=np.object_)
@@ -195,6 +199,15 @@ def test_oip_rest_and_grpc_trace_like_predict(
         rpc.infer("test-fashion-small", [ginp], headers={"traceparent": TRACEPARENT,
                                                     "x-request-id": "grpc-1"})
         rpc.close()
+        with grpc.insecure_channel(live.grpc_url) as channel:  # the id in initial metadata
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            _, call = stub.ServerLive.with_call(pb.ServerLiveRequest(),
+                                                metadata=[("x-request-id", "live-1")])
+            assert ("x-request-id", "live-1") in call.initial_metadata()
+            _, call = stub.ServerLive.with_call(pb.ServerLiveRequest(),
+                                                metadata=[("x-request-id", "not ok")])
+            (new,) = [v for k, v in call.initial_metadata() if k == "x-request-id"]
+            assert well_formed(new) and new != "not ok"
     spans = receiver.wait_for(lambda s: complete("rest-1")(s)
                               and complete("grpc-1", STEPS - {"read upload"})(s))
     rest_span, grpc_span = server_span(spans, "rest-1"), server_span(spans, "grpc-1")
