@@ -24,9 +24,11 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml ./
-# requirements.txt: the dependencies; train.txt: the train extra with the extras it names
+# requirements.txt: the dependencies and the trace extra (the OpenTelemetry SDK and OTLP
+# exporters, under 10 MB: an image is run by operators, who may point OTEL_* at a collector at any
+# time; tracing stays off until they do); train.txt: the train extra with the extras it names
 # (imgrec[export] -> imgrec[gpu]) spelled out; torch.txt: its torch and torchvision pins.
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; f = lambda e: [r for d in x[e] for r in ([q for n in d[7:-1].split(',') for q in f(n)] if d.startswith('imgrec[') else [d])]; open('requirements.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); open('train.txt', 'w').write('\n'.join(f('train')) + '\n')" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; f = lambda e: [r for d in x[e] for r in ([q for n in d[7:-1].split(',') for q in f(n)] if d.startswith('imgrec[') else [d])]; open('requirements.txt', 'w').write('\n'.join(p['dependencies'] + x['trace']) + '\n'); open('train.txt', 'w').write('\n'.join(f('train')) + '\n')" \
  && grep -E '^torch(vision)?==' train.txt > torch.txt \
  && pip install --no-cache-dir -r requirements.txt
 

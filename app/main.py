@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,13 +17,14 @@ from app.api import web
 from app.api.auth import ApiKeyMiddleware, KeyRing
 from app.api.errors import install_error_handlers
 from app.api.fastpath import FastPathMiddleware
-from app.api.metrics_middleware import MetricsMiddleware
 from app.api.oip.rest import OipMiddleware
 from app.api.openapi import install_openapi
+from app.api.request_middleware import RequestMiddleware
 from app.api.routes import router
 from app.api.search import router as search_router
 from app.serving.metrics import Metrics
 from app.serving.service import Service
+from app.serving.tracing import Tracing, describe
 from app.settings import Settings
 
 log = logging.getLogger("imgrec.main")
@@ -87,13 +89,17 @@ async def _grpc_skin(service: Service, keys: KeyRing | None) -> AsyncIterator[No
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    # OpenTelemetry's own OTEL_* variables, nothing of ours: off without an exporter
+    # (app/serving/tracing.py); a configuration it cannot honour stops the start-up here
+    tracing = Tracing.from_env()
     # a keys file that does not load stops the start-up here (KeyFileError names the line)
     keys = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = Service(settings, metrics)
+        service = Service(settings, metrics, tracing=tracing)
         app.state.service = service
+        log.info("%s", describe(os.environ))
         # SIGHUP re-reads the keys (when there are keys) and loads the model directory anew
         # (switching only to one that loads, with no request lost), from the start-up on
         reloads: list[tuple[str, Callable[[], object]]] = (
@@ -112,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     yield
             finally:
                 await service.stop()
+                await asyncio.to_thread(tracing.shutdown)  # what is buffered goes out
 
     app = FastAPI(
         title="imgrec",
@@ -119,8 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Image recognition with the patent's residual network: labels and feature "
                 "vectors as JSON.",
         lifespan=lifespan,
-        # FastAPI's built-in OpenTelemetry hook asks for a tracer provider on every request;
-        # imgrec exports Prometheus metrics instead, so it stays off (ignored by older FastAPI)
+        # FastAPI's built-in OpenTelemetry hook would trace only the routes FastAPI serves
+        # (not the fast path nor the OIP skins) and ask for a tracer provider on every request:
+        # RequestMiddleware traces them all instead (ignored by older FastAPI)
         telemetry={"tracing": False, "metrics": False},
     )
     app.state.settings = settings
@@ -138,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # schema: the protocol has its own specification (app/api/oip/rest.py says why); it checks
     # API keys itself, answering in the protocol's terms
     app.add_middleware(OipMiddleware, keys=keys)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # outermost: every route, the fast path and the OIP get a request id, span and metrics
+    app.add_middleware(RequestMiddleware, metrics=metrics, tracing=tracing,
+                       access_log=settings.access_log)
     logging.getLogger("imgrec").setLevel(settings.log_level.upper())
     return app

@@ -91,8 +91,11 @@ class Settings(BaseSettings):
                                  "open-file limit: at least 10,000 where the hard limit allows); "
                                  "at the cap a new one closes the one waiting longest for its "
                                  "request (headers, or idle), else is answered 503 + Retry-After")
-    log_level: str = Field("info", description="uvicorn log level")
-    access_log: bool = Field(False, description="uvicorn access log (costs CPU per request)")
+    log_level: str = Field("info", description="log level (imgrec's and uvicorn's)")
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON "
+                                                "object per line (app/serve/logs.py)")
+    access_log: bool = Field(False, description="a line per request: route, status, duration, "
+                             "request id (costs CPU per request)")
     # Open Inference Protocol over gRPC (issue 14): same process, same batcher as HTTP
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port of the Open Inference "
                            "Protocol (inference.GRPCInferenceService) on IMGREC_HOST; 0 = off")

@@ -33,7 +33,12 @@ async def uploads_of(request: Request, service: Service) -> list[Upload]:
     read, so a refused request costs no upload)."""
     service.check_accepting()
     s = service.settings
-    return await read_uploads(request, s.max_upload_bytes, s.max_files)
+    with service.tracing.span("read upload") as span:
+        uploads = await read_uploads(request, s.max_upload_bytes, s.max_files)
+        if span is not None:
+            span.set_attributes({"imgrec.files": len(uploads),
+                                 "imgrec.bytes": sum(len(u.data) for u in uploads)})
+    return uploads
 
 
 def answered(request: Request, results: Sequence[object]) -> None:

@@ -5,7 +5,10 @@ FastAPI's routing, dependency solving and exception layers run for every request
 middleware parses the routes' query parameters with the very same declarations
 (app/api/query.py) and calls the very same route functions (app/api/routes.py), so behaviour,
 errors and the OpenAPI description stay those of the FastAPI routes; everything else goes
-through FastAPI as usual.
+through FastAPI as usual. The request id, server span, metrics and access line come from
+app/api/request_middleware.py, outside both, and the upload's and the Service's spans from the
+code both share, so a fast request is traced and logged as a routed one is
+(tests/api/test_tracing.py compares them).
 """
 
 from __future__ import annotations

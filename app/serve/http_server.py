@@ -57,6 +57,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.serve.refusals import describe_failure
+from app.serving.request_context import request_id
 
 log = logging.getLogger("imgrec.server")
 
@@ -128,11 +129,13 @@ class ImgrecServerState(ServerState):
 
 
 def error_response(status: int, code: str, message: str, retry_after: int | None) -> bytes:
-    """A complete HTTP/1.1 response in the service's JSON error shape, closing the connection."""
+    """A complete HTTP/1.1 response in the service's JSON error shape, closing the connection;
+    with a request id of its own, as every response has (the request, if any, was not read)."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
     head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close"]
+            f"content-length: {len(body)}", "connection: close",
+            f"x-request-id: {request_id(None)}"]
     if retry_after is not None:
         head.append(f"retry-after: {retry_after}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

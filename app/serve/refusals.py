@@ -21,6 +21,7 @@ from pydantic_settings import SettingsError
 
 from app.api.auth import KeyFileError, KeyRing
 from app.model.directory import ModelDirError, open_model_dir
+from app.serving.tracing import TracingError, check_env
 from app.settings import Settings
 
 USAGE_ERROR = 2  # the command line or a setting is wrong
@@ -88,6 +89,15 @@ def check_api_keys(path: Path | None) -> None:
         raise Refusal(f"IMGREC_API_KEYS_FILE={str(path)!r}: {e}", USAGE_ERROR) from None
 
 
+def check_tracing(env: Mapping[str, str]) -> None:
+    """The OTEL_* variables ask for tracing this process can do (the SDK installed, a known
+    exporter and protocol)."""
+    try:
+        check_env(env)
+    except TracingError as e:
+        raise Refusal(str(e), USAGE_ERROR) from None
+
+
 def check_model_dir(path: Path, flags: Mapping[str, str]) -> None:
     """The directory has a valid card and the card's weights (torch-free: JSON and sha256)."""
     try:
@@ -101,6 +111,6 @@ def describe_failure(error: BaseException) -> str:
     """An exception as one line: our own errors' messages name the file and what to do, so
     they stand alone; anything else keeps its type."""
     text = " ".join(str(error).split())  # one line, whatever the message holds
-    if isinstance(error, ModelDirError | KeyFileError):
+    if isinstance(error, ModelDirError | KeyFileError | TracingError):
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -51,8 +51,12 @@ from app.serving.store import open_store
 from app.serving.store.guard import GuardedStore, StoreUnavailable
 from app.serving.store.vector_index import Neighbor, SearchUnavailable
 from app.serving.store_key import store_key
+from app.serving.tracing import OFF, BatchTrace, Tracing
 from app.serving.upload_checks import prepare
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, SpanContext
 
 log = logging.getLogger("imgrec.service")
 T = TypeVar("T")
@@ -81,6 +85,7 @@ class ImageResult:
     store_key: str  # where its vector is stored: that model's key and the caller's namespace
     filename: str | None = None  # cleaned (request_rules.clean_filename)
     stored: bool = False  # its vector reached the embedding store (False during an outage)
+    batch: BatchTrace | None = None  # the forward pass it ran in, when its request is traced
 
 
 @dataclass(slots=True)
@@ -92,14 +97,17 @@ class Job:
     model: Predictor
     store_key: str
     filename: str | None
+    traced: SpanContext | None = None  # its request's server span, when that is recorded
 
 
 def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int,
-                 max_header_pixels: int) -> tuple[str, bytes, float]:
+                 max_header_pixels: int) -> tuple[str, bytes, float, int]:
+    """(id, pixels, seconds, start in epoch ns: for the trace's decode span)."""
+    started_ns = time.time_ns()
     t0 = time.perf_counter()
     image_id = hashlib.sha256(data).hexdigest()
     pixels = prepare(data, spec, max_pixels, max_header_pixels)
-    return image_id, pixels, time.perf_counter() - t0
+    return image_id, pixels, time.perf_counter() - t0, started_ns
 
 
 def model_ref(card: ModelCard) -> dict[str, str]:
@@ -114,10 +122,11 @@ def all_stored(results: Sequence[ImageResult]) -> bool:
 
 class Service:
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
-                 predictor_loader: Callable[[Settings], Predictor] = Predictor.from_settings
-                 ) -> None:
+                 predictor_loader: Callable[[Settings], Predictor] = Predictor.from_settings,
+                 tracing: Tracing = OFF) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.tracing = tracing
         self.models = ModelSwap(settings, self.metrics, predictor_loader)
         self.batcher: MicroBatcher[Job, ImageResult] | None = None
         self.store: GuardedStore | None = None
@@ -249,6 +258,7 @@ class Service:
                                      s.max_image_pixels, s.max_image_header_pixels)
                 for data in uploads]
         done = await asyncio.gather(*jobs, return_exceptions=True)
+        span = self.tracing.request_span()
         for index, outcome in enumerate(done):
             if isinstance(outcome, ServiceError):
                 self.metrics.rejections.labels(outcome.code).inc()
@@ -258,9 +268,13 @@ class Service:
             if isinstance(outcome, BaseException):
                 raise outcome
         out: list[tuple[str, bytes]] = []
-        for image_id, pixels, seconds in done:  # type: ignore[misc]
+        for index, (image_id, pixels, seconds, started_ns) in enumerate(done):  # type: ignore[misc]
             self.metrics.decode_seconds.observe(seconds)
             out.append((image_id, pixels))
+            if span is not None:
+                self.tracing.child(span, "decode", started_ns, started_ns + int(seconds * 1e9),
+                                   {"imgrec.image.index": index,
+                                    "imgrec.image.bytes": len(uploads[index])})
         return out
 
     async def infer_pixels(self, pixels: np.ndarray, namespace: str | None = None
@@ -284,7 +298,11 @@ class Service:
         await their results; the one queueing path of uploads and decoded pixels alike."""
         assert self.batcher is not None
         key = self.store_key(namespace, model)
-        jobs = [Job(image_id, pixels, model, key, name) for image_id, pixels, name in images]
+        span = self.tracing.request_span()
+        traced = span.get_span_context() if span is not None else None
+        jobs = [Job(image_id, pixels, model, key, name, traced)
+                for image_id, pixels, name in images]
+        submitted_ns = time.time_ns() if span is not None else 0
         try:
             futures = self.batcher.submit_many(jobs, self.settings.request_timeout_ms / 1000.0)
         except QueueFull as e:
@@ -292,7 +310,7 @@ class Service:
         except Closed as e:
             raise self._refusal("shutting_down", "shutting_down", str(e)) from None
         try:
-            return list(await asyncio.gather(*futures))
+            results = list(await asyncio.gather(*futures))
         except batcher.DeadlineExceeded as e:
             for f in futures:  # the rest of this request is no longer wanted
                 f.cancel()
@@ -303,6 +321,9 @@ class Service:
                 f.cancel()
             log.exception("inference failed")
             raise InferenceFailed(f"inference failed: {e}") from None
+        if span is not None:
+            self.tracing.request_batches(span, submitted_ns, [r.batch for r in results])
+        return results
 
     def _forward(self, jobs: list[Job]) -> list[ImageResult]:
         """On the inference thread: each job on the model its request took. Right after a
@@ -311,6 +332,7 @@ class Service:
         by_model: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             by_model.setdefault(id(job.model), []).append(i)
+        traced = self._batch_span(jobs) if self.tracing.on else None
         results: list[ImageResult | None] = [None] * len(jobs)
         for indices in by_model.values():
             model = jobs[indices[0]].model
@@ -319,7 +341,20 @@ class Service:
                 job = jobs[i]
                 results[i] = ImageResult(job.image_id, p, model.card, job.store_key,
                                          job.filename)
+        if traced is not None:
+            span, trace = traced
+            trace.end_ns = time.time_ns()
+            span.end(end_time=trace.end_ns)
+            for r in results:
+                r.batch = trace  # type: ignore[union-attr]  # every index is filled above
         return results  # type: ignore[return-value]  # every index is filled above
+
+    def _batch_span(self, jobs: list[Job]) -> tuple[Span, BatchTrace] | None:
+        """The batch's own span, linked to the traced requests it serves (tracing.py)."""
+        parents = [job.traced for job in jobs if job.traced is not None]
+        card = jobs[0].model.card
+        return self.tracing.start_batch(parents, len(jobs), {
+            "imgrec.model.name": card.name, "imgrec.model.version": card.version})
 
     def _store_batch(self, jobs: list[Job], results: Sequence[ImageResult]) -> None:
         """On the batcher's finish thread, while the next batch computes: every vector goes to
@@ -329,6 +364,9 @@ class Service:
         by_key: dict[str, list[ImageResult]] = {}
         for job, r in zip(jobs, results, strict=True):
             by_key.setdefault(job.store_key, []).append(r)
+        trace = results[0].batch if results else None
+        if trace is not None:
+            trace.store_start_ns = time.time_ns()
         for key, group in by_key.items():
             started = time.perf_counter()
             stored = self.store.put_many(key, [(r.id, r.prediction.embedding) for r in group],
@@ -337,6 +375,9 @@ class Service:
                 self.metrics.store_write_seconds.observe(time.perf_counter() - started)
             for r in group:
                 r.stored = stored
+        if trace is not None:
+            trace.stored = all(r.stored for r in results)
+            trace.store_end_ns = time.time_ns()
 
     # -- the store: lookups and search ---------------------------------------------------------
     async def _store_call(self, call: Callable[[GuardedStore], T]) -> T:
@@ -359,7 +400,8 @@ class Service:
         wanted = request_rules.image_ids(ids)
         model = model or self.models.current
         key = self.store_key(namespace, model) if model is not None else ""
-        found = await self._store_call(lambda store: store.get_many(key, wanted))
+        with self.tracing.span("store read", {"imgrec.ids": len(wanted)}):
+            found = await self._store_call(lambda store: store.get_many(key, wanted))
         unknown = [i for i in dict.fromkeys(wanted) if i not in found]
         if unknown:
             raise UnknownId("no embedding stored for id(s): " + ", ".join(unknown))
@@ -376,7 +418,9 @@ class Service:
         def run(store: GuardedStore) -> list[list[Neighbor]]:  # in the space they were made in
             return [store.search(r.store_key, r.prediction.embedding, k, r.id) for r in results]
 
-        return list(zip(results, await self._store_call(run), strict=True))
+        with self.tracing.span("search", {"imgrec.k": k, "imgrec.images": len(results)}):
+            found = await self._store_call(run)
+        return list(zip(results, found, strict=True))
 
     async def search_stored(self, image_id: str, k: int, namespace: str | None = None,
                             model: Predictor | None = None
@@ -395,7 +439,8 @@ class Service:
             return (store.filenames(key, [wanted]).get(wanted),
                     store.search(key, found[wanted], k, wanted))
 
-        answer = await self._store_call(run)
+        with self.tracing.span("search", {"imgrec.k": k, "imgrec.images": 1}):
+            answer = await self._store_call(run)
         if answer is None:
             raise UnknownId(f"no embedding stored for id {wanted}")
         return wanted, answer[0], answer[1]

@@ -50,6 +50,8 @@ def keys_file(tmp_path: Path) -> Path:
                  ["IMGREC_MAX_FILES", "IMGREC_MAX_QUEUE"], id="across-settings"),
     pytest.param({}, ["--port", "eighty"], ["--port", "'eighty'"], id="bad-flag"),
     pytest.param({}, ["--no-such-flag"], ["--no-such-flag"], id="unknown-flag"),
+    pytest.param({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+                 [], ["OTEL_EXPORTER_OTLP_PROTOCOL='http/json'", "grpc"], id="otel-protocol"),
 ])
 def test_a_setting_that_does_not_parse_is_one_line_and_status_2(
         tmp_path: Path, env: dict[str, str], args: list[str], names: list[str]) -> None:

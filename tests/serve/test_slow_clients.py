@@ -10,6 +10,7 @@ tested in process in tests/serve/test_connection_cap.py.
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import threading
@@ -81,6 +82,7 @@ def test_trickled_headers_are_cut_with_408(server: tuple[str, int]) -> None:
     url, port = server
     held, answer = trickle(port, b"POST /predict HTTP/1.1\r\nHost: x\r\n", b"X", 0.2, 10)
     assert answer.startswith(b"HTTP/1.1 408 ") and b'"header_timeout"' in answer
+    assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", answer), answer  # an id of its own
     assert HEADER_S <= held < HEADER_S + 3
     assert predict(url).status_code == 200
 

@@ -45,10 +45,13 @@ from app.api.oip.core import (
     server_metadata,
     uint8_values,
 )
+from app.api.request_middleware import access_line, finish_span, start
 from app.serving.errors import ServiceError
+from app.serving.request_context import CURRENT, RequestContext
 from app.serving.service import Service
 
 log = logging.getLogger("imgrec.grpc")
+SERVICE = "inference.GRPCInferenceService"
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
          401: grpc.StatusCode.UNAUTHENTICATED, 413: grpc.StatusCode.INVALID_ARGUMENT,
          503: grpc.StatusCode.UNAVAILABLE,
@@ -61,17 +64,34 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
+def _begin(service: Service, method: str, context: grpc.aio.ServicerContext
+           ) -> RequestContext:
+    """The call's request id (the client's ``x-request-id`` metadata when well formed) and,
+    when tracing is on, its server span, continuing the ``traceparent`` in its metadata."""
+    metadata = [(str(k), str(v)) for k, v in context.invocation_metadata() or ()
+                if isinstance(v, str)]
+    sent = next((v for k, v in metadata if k == "x-request-id"), None)
+    return start(service.tracing, sent, f"{SERVICE}/{method}", metadata, {
+        "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+
+
 def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Counts the call in imgrec's request metrics and turns a refusal (the Service's, through
     the protocol's one mapping, or the protocol's own) into its gRPC status; an unexpected
-    failure answers INTERNAL and the server goes on."""
-    route = f"gRPC {method.__name__}"
+    failure answers INTERNAL and the server goes on. Like HTTP's requests, each call has a
+    request id (answered as ``x-request-id`` metadata, carried by its log lines), a server span
+    when tracing is on and an access line with IMGREC_ACCESS_LOG."""
+    name = method.__name__
+    route = f"gRPC {name}"
 
     @wraps(method)
     async def counted(self: InferenceServicer, request: Req,
                       context: grpc.aio.ServicerContext) -> Resp:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        call = _begin(self.service, name, context)
+        token = CURRENT.set(call)
+        await context.send_initial_metadata((("x-request-id", call.request_id),))
         try:
             try:
                 return await method(self, request, context)
@@ -85,9 +105,17 @@ def _rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, "internal error")
         finally:
+            seconds = time.perf_counter() - started
             m = self.service.metrics
             m.requests.labels(route, code.name).inc()
-            m.latency.labels(route).observe(time.perf_counter() - started)
+            m.latency.labels(route).observe(seconds)
+            failed = code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                              grpc.StatusCode.DEADLINE_EXCEEDED)
+            finish_span(call, f"{SERVICE}/{name}", code.name if failed else None,
+                        {"rpc.grpc.status_code": code.value[0]})
+            if self.service.settings.access_log:
+                access_line("gRPC", f"/{SERVICE}/{name}", name, code.name, seconds)
+            CURRENT.reset(token)
         raise AssertionError("unreachable: abort raises")
 
     return counted

@@ -417,7 +417,10 @@ async def _infer(scope: Scope, receive: Receive, service: Service, name: str,
                  version: str | None) -> Answer:
     check_model(service, name, version)
     service.check_accepting()  # before the body is read: a refusal costs no upload
-    body = await _read_body(scope, receive, service.settings.max_upload_bytes)
+    with service.tracing.span("read upload") as span:
+        body = await _read_body(scope, receive, service.settings.max_upload_bytes)
+        if span is not None:
+            span.set_attribute("imgrec.bytes", len(body))
     request, binary = _split(scope, body)
     inputs = _inputs(request, binary)
     outputs, binary_default = _outputs(request)
