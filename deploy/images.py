@@ -74,9 +74,20 @@ def pip_secrets(workdir: Path) -> list[str]:
             "--secret", f"id=pip-ca.crt,src={host_ca_bundle()}"]
 
 
+def prune_if_large(limit_gb: float = 20) -> None:
+    """Every build of changed sources leaves the last image's layers behind; past limit_gb of
+    storage, drop the images no tag names (the layer cache goes with them: one cold build)."""
+    r = subprocess.run(["du", "-sxk", str(CACHE / "storage")], capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode == 0 and int(r.stdout.split()[0]) > limit_gb * 1e6:
+        subprocess.run(buildah_argv("rm", "--all"), capture_output=True, timeout=300)
+        subprocess.run(buildah_argv("rmi", "--prune"), capture_output=True, timeout=600)
+
+
 def build(target: str, tag: str, log: Path, build_args: Sequence[str] = (),
           timeout: float = 900) -> float:
     """buildah bud of the Dockerfile, unchanged, with the cached layers; its wall time."""
+    prune_if_large()
     with tempfile.TemporaryDirectory() as tmp, log.open("ab") as out:
         argv = buildah_argv("bud", *ISOLATION, "--pull=never", "--format", "docker",
                             "--layers", "--target", target, "-t", tag,

@@ -221,6 +221,8 @@ def ran(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iter
         run.stopped_healthcheck_rc = in_container(ctr, config["Healthcheck"]["Test"][1:], run.port)
         read_store(run, ctr)
         run.log = log.read_text()
+        print(f"\nimage run: ready after {run.ready_s:.1f} s, SIGTERM to exit "
+              f"{run.drain['exit_after_s']:.1f} s")
         yield run
     finally:
         if proc.poll() is None:
