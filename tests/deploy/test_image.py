@@ -214,6 +214,8 @@ def ran(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iter
         run.uid = real_uid(server_pid)
         run.healthcheck_rc = in_container(ctr, config["Healthcheck"]["Test"][1:], run.port)
         for name, test in compose_healthchecks().items():
+            # compose probes the image's port, 8000; this run publishes it on run.port
+            assert any(":8000/readyz" in a for a in test), test
             probe = [a.replace(":8000/", f":{run.port}/") for a in test]
             run.compose_healthcheck_rc[name] = in_container(ctr, probe, run.port)
         exercise(run, base, ctr)
