@@ -28,7 +28,9 @@ COPY pyproject.toml ./
 # exporters, under 10 MB: an image is run by operators, who may point OTEL_* at a collector at any
 # time; tracing stays off until they do); train.txt: the train extra with the extras it names
 # (imgrec[export] -> imgrec[gpu]) spelled out; torch.txt: its torch and torchvision pins.
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; f = lambda e: [r for d in x[e] for r in ([q for n in d[7:-1].split(',') for q in f(n)] if d.startswith('imgrec[') else [d])]; open('requirements.txt', 'w').write('\n'.join(p['dependencies'] + x['trace']) + '\n'); open('train.txt', 'w').write('\n'.join(f('train')) + '\n')" \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; f = lambda e: [r for d in x[e] for r in ([q for n in d[7:-1].split(',') for q in f(n)] if d.startswith('imgrec[') else [d])]; open('requirements.txt', 'w').write('\n'.join(p['dependencies'] + x['trace']) + '\n'); open('train.txt', 'w').write('\n'.join(f('train')) + '\n')" \
  && grep -E '^torch(vision)?==' train.txt > torch.txt \
  && pip install --no-cache-dir -r requirements.txt
 
@@ -37,26 +39,35 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 # the rest of the train extra (onnx, onnxscript, safetensors, matplotlib)
 FROM deps AS deps-gpu
 ARG TORCH_VARIANT=cu128
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        -r torch.txt \
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
+    pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r torch.txt \
  && pip install --no-cache-dir -r train.txt
 
 # ---- build-cpu / build-gpu: the imgrec package itself ------------------------------------
 # --no-deps: everything it needs is in the layers above; this adds the package and `imgrec`.
 FROM deps AS build-cpu
 COPY app ./app
-RUN pip install --no-cache-dir --no-deps /src
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
+    pip install --no-cache-dir --no-deps /src
 
 FROM deps-gpu AS build-gpu
 COPY app ./app
-RUN pip install --no-cache-dir --no-deps /src
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
+    pip install --no-cache-dir --no-deps /src
 
 # ---- runtime: what both images are, less their virtual environment --------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="imgrec" \
       org.opencontainers.image.description="REST image recognition (pre-activation ResNet)" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/imgrec imgrec \
+# the group's id is the user's: useradd --user-group would pick a system gid (999), and
+# USER 10001:10001 would then run in a group that owns nothing
+RUN groupadd --system --gid 10001 imgrec \
+ && useradd --system --uid 10001 --gid imgrec --create-home --home-dir /home/imgrec imgrec \
  && mkdir -p /data \
  && chown imgrec:imgrec /data
 # The shipped model; mount another directory and point IMGREC_MODEL_DIR at it to serve that.
