@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-DTYPES: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
+DTYPES: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+                                    "I64": np.dtype("<i8")}
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 1 << 20
 

@@ -14,8 +14,8 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from app.model import tensorfile
-from app.model.cam import input_map, total_stride, upsample
 from app.model.calibration import CALIBRATION_FILE, OodScorer
+from app.model.cam import input_map, total_stride, upsample
 from app.model.directory import ModelDirError, calibration_tensors, read_card
 
 
