@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: imgrec {train,evaluate,export,quantize,calibrate,serve,index} [options]
@@ -65,6 +66,11 @@ def _run(command: str, rest: list[str]) -> int:
 
         return calibrate_main(rest)
     if command == "serve":
+        # The server's own numpy matrix products are small (a batch's unknown scores: 32 x 512
+        # by 512 x 512); OpenBLAS's threads for them contend with ONNX Runtime's and the HTTP
+        # side's: measured on a loaded 2-core machine, 40.6 ms per batch with two threads
+        # against 2.0 ms with one. Set before numpy loads; the environment still decides.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         from app.serve.cli import serve_main
 
         return serve_main(rest)
