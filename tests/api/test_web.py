@@ -208,8 +208,8 @@ def test_page_loads_without_console_errors_and_only_same_origin_requests(
         page: Any, server: str, shots: Path) -> None:
     wait_for(page, lambda d: d.execute_script(
         "const imgs = [...document.querySelectorAll('#plots img')];"
-        "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0)"),
-        "both model plots")
+        "return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0)"),
+        "the three model plots")
     page.save_screenshot(str(shots / "01-loaded.png"))
     assert console_errors(page) == []
     urls = requested_urls(page)
@@ -217,7 +217,8 @@ def test_page_loads_without_console_errors_and_only_same_origin_requests(
     assert foreign == [], foreign
     paths = {u.removeprefix(server) for u in urls}
     assert {"/", "/static/app.js", "/static/app.css", "/model", "/readyz", "/metrics",
-            "/model/files", "/model/files/curves.png", "/model/files/confusion.png"} <= paths
+            "/model/files", "/model/files/curves.png", "/model/files/confusion.png",
+            "/model/files/calibration.png"} <= paths
 
     card = json.loads(httpx.get(server + "/model").text)
     facts = page.execute_script("""return Object.fromEntries([...document.querySelectorAll(
