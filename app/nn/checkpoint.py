@@ -164,8 +164,10 @@ def _calibration_lines(card: ModelCard) -> list[str]:
             f"{loc.get('peak_in_quadrant_top_label')} (top label), "
             f"{loc.get('peak_in_quadrant_true_label')} (true label), {loc.get('images')} "
             "images", "", "![calibration](calibration.png)"]
-    if isinstance(m.get("open_set"), dict):
-        lines.append(f"- open set (bench/ood.py): {m['open_set']}")
+    for key, what in (("open_set", "open set, two classes held out"),
+                      ("far_ood_scores_compared", "scores compared on far-OOD pictures")):
+        if isinstance(m.get(key), dict):
+            lines.append(f"- {what}: {m[key]}")
     if cal.command:
         lines.append(f"- made by `{cal.command}`")
     return [*lines, ""]
