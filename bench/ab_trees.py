@@ -11,7 +11,7 @@ adds a query string to that tree's /predict (the same tree may be given twice, n
 
     git worktree add /tmp/previous <commit>
     python bench/ab_trees.py --tree previous=/tmp/previous --tree new=. --rounds 3
-    python bench/ab_trees.py --tree main=/work/main --tree scores=. --tree explain=. \
+    python bench/ab_trees.py --tree main=/tmp/main --tree scores=. --tree explain=. \
         --query explain=explain=true
 """
 
