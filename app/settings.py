@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     precision: Literal["float32", "int8"] = Field(
         "float32", description="int8 = the directory's static int8 graph with ONNX Runtime on "
         "the CPU; refused unless its card holds the graph's measured test top-1")
+    # unknown pictures (issue 22): the card's operating point, or another from its table
+    ood_known_fraction: float | None = Field(
+        None, gt=0, le=1, description="move the unknown threshold to the one that calls this "
+        "fraction of the validation images known (the card's table: 0.5 to 1.0); unset = the "
+        "card's operating point (0.95 for imgrec calibrate's default)")
     warmup_batches: int = Field(2, ge=0, description="warm-up forward passes before ready")
     # model updates (app/serving/model_swap.py): SIGHUP, or a change seen by this poll
     model_watch_interval_s: float = Field(5.0, ge=0, description="how often to check whether "

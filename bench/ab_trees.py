@@ -4,10 +4,15 @@ Each tree is served by `imgrec serve` from that tree (PYTHONPATH and cwd set to 
 interpreter and its packages for both), one at a time, in alternating rounds (A B A B ...), so
 that whatever else the machine does falls on both alike. Each round runs wrk at each
 concurrency over the same distinct PNG uploads (bench/serve.py's bodies and wrk runner).
-Prints the median of the rounds per tree and concurrency, and the ratio B/A. Asserts nothing.
+Prints the median of the rounds per tree and concurrency, and the ratio of each to the first.
+Asserts nothing. Each tree serves its own models/fashion-mnist unless --model-dir names one
+(a tree's code and its shipped model directory go together); ``--query NAME=explain=true``
+adds a query string to that tree's /predict (the same tree may be given twice, named apart).
 
     git worktree add /tmp/previous <commit>
     python bench/ab_trees.py --tree previous=/tmp/previous --tree new=. --rounds 3
+    python bench/ab_trees.py --tree main=/tmp/main --tree scores=. --tree explain=. \
+        --query explain=explain=true
 """
 
 from __future__ import annotations
@@ -49,8 +54,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
-                   help="two of them: A first, B second")
-    p.add_argument("--model-dir", default=str(ROOT / "models" / "fashion-mnist"))
+                   help="two or more: the first is the reference")
+    p.add_argument("--model-dir", default=None, help="default: each tree's own "
+                   "models/fashion-mnist")
+    p.add_argument("--query", action="append", default=[], metavar="NAME=QUERY",
+                   help="query string of that tree's /predict")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
     p.add_argument("--concurrency", default="1,64")
@@ -58,6 +66,7 @@ def main() -> int:
     trees = [(name, Path(path).resolve()) for name, path in
              (t.split("=", 1) for t in args.tree)]
     levels = [int(c) for c in args.concurrency.split(",")]
+    queries = dict(q.split("=", 1) for q in args.query)
     runs: dict[tuple[str, int], list[Run]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -66,12 +75,14 @@ def main() -> int:
         make_bodies(bodies, count, "png")
         for _ in range(args.rounds):
             for name, tree in trees:
-                proc, port = serve(tree, Path(args.model_dir), tmp)
+                model = Path(args.model_dir) if args.model_dir else tree / "models/fashion-mnist"
+                path = "/predict" + (f"?{queries[name]}" if name in queries else "")
+                proc, port = serve(tree, model, tmp)
                 try:
-                    wrk(port, 16, 2, bodies, count, proc.pid, name)  # warm
+                    wrk(port, 16, 2, bodies, count, proc.pid, name, path)  # warm
                     for c in levels:
                         runs.setdefault((name, c), []).append(
-                            wrk(port, c, args.seconds, bodies, count, proc.pid, name))
+                            wrk(port, c, args.seconds, bodies, count, proc.pid, name, path))
                 finally:
                     stop(proc)
     print(f"# python bench/ab_trees.py {' '.join(sys.argv[1:])}")
@@ -86,8 +97,10 @@ def main() -> int:
                   f"{statistics.median(r.p99_ms for r in rs):.2f} | "
                   f"{statistics.median(r.cpu_ms_per_req for r in rs):.2f} | "
                   f"{sum(r.errors for r in rs)} |")
-        a, b = (statistics.median(r.rps for r in runs[(n, c)]) for n, _ in trees)
-        print(f"| {trees[1][0]} / {trees[0][0]} | {c} | {b / a:.2f} | | | | |")
+        a = statistics.median(r.rps for r in runs[(trees[0][0], c)])
+        for name, _ in trees[1:]:
+            b = statistics.median(r.rps for r in runs[(name, c)])
+            print(f"| {name} / {trees[0][0]} | {c} | {b / a:.3f} | | | | |")
     return 0
 
 

@@ -45,6 +45,17 @@ def served_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return served
 
 
+@pytest.fixture(scope="session")
+def calibrated_model_dir(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                         ) -> Path:
+    """The served tiny model after `imgrec calibrate` (temperature, unknown threshold, class
+    map baseline), fitted on seeded random pictures: a second or two."""
+    from helpers.models import calibrate_tiny
+
+    return calibrate_tiny(Path(shutil.copytree(
+        served_model_dir, tmp_path_factory.mktemp("models") / "calibrated")))
+
+
 @pytest.fixture()
 def tiny_settings(served_model_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     """make_settings for the served tiny model and this test's tmp_path, as in

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import internal_error_response, service_error_response
-from app.api.query import EMBEDDING, NORMALIZE, TOP_K
+from app.api.query import EMBEDDING, EXPLAIN, NORMALIZE, TOP_K
 from app.api.route_table import FAST
 from app.api.routes import embed, predict
 from app.serving.errors import ServiceError
@@ -35,7 +35,7 @@ Handler = Callable[[Request, Service, Params], Awaitable[Response]]
 
 async def _predict(request: Request, service: Service, params: Params) -> Response:
     return await predict(request, service, top_k=TOP_K.parse(params),
-                         embedding=EMBEDDING.parse(params))
+                         embedding=EMBEDDING.parse(params), explain=EXPLAIN.parse(params))
 
 
 async def _embed(request: Request, service: Service, params: Params) -> Response:

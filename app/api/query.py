@@ -77,5 +77,7 @@ class BoolParam:
 
 TOP_K = IntParam("top_k", 5, 1, None, "labels per image (1..classes)")
 EMBEDDING = BoolParam("embedding", False, "add each image's feature vector")
+EXPLAIN = BoolParam("explain", False, "add each image's class activation map of its top label "
+                    "(cam: label, width, height, values row-major in [0, 1], over the input)")
 NORMALIZE = BoolParam("normalize", False, "scale each vector to unit length")
 K = IntParam("k", 10, 1, MAX_K, f"neighbours per image (1..{MAX_K})")

@@ -16,11 +16,13 @@ from prometheus_client import generate_latest
 from app.api.deps import ServiceDep, answered, namespace_of, stored_header, uploads_of
 from app.api.errors import JSONBytes
 from app.api.openapi import PROMETHEUS_TEXT, UPLOAD_ERRORS, errors, image_upload_body
-from app.api.query import EMBEDDING, NORMALIZE, TOP_K
+from app.api.query import EMBEDDING, EXPLAIN, NORMALIZE, TOP_K
 from app.api.schemas import EmbedResponse, Health, ModelInfo, PredictResponse, Ready
-from app.serving.errors import Unavailable
+from app.model.cam import input_map, total_stride
+from app.model.card import ModelCard
+from app.serving.errors import InvalidParameter, Unavailable
 from app.serving.request_rules import MAX_LOOKUP_IDS, SHA256_ANY_CASE, unit
-from app.serving.service import Service, model_ref
+from app.serving.service import ImageResult, Service, model_ref
 
 router = APIRouter()
 
@@ -32,26 +34,47 @@ async def predict(
     service: ServiceDep,
     top_k: Annotated[int, TOP_K.query()] = TOP_K.default,
     embedding: Annotated[bool, EMBEDDING.query()] = EMBEDDING.default,
+    explain: Annotated[bool, EXPLAIN.query()] = EXPLAIN.default,
 ) -> JSONBytes:
     service.check_accepting()  # before the body is read: a refusal costs no upload
     top_k = service.top_k(top_k)
+    if explain and not service.current_model().explains:
+        raise InvalidParameter("explain=true needs the class maps, which this model's "
+                               "inference graph does not output (exported before them: "
+                               "imgrec export DIR again)", code="explain_unavailable")
     results = await service.infer(await uploads_of(request, service), namespace_of(request))
     answered(request, results)
-    labels = results[0].card.labels  # of the model that computed them (a request has one)
-    out = []
-    for r in results:
-        probs = r.prediction.probs
-        order = np.argsort(-probs, kind="stable")[:top_k]
-        item: dict[str, Any] = {
-            "id": r.id, "filename": r.filename,
-            "labels": [{"label": labels[i], "index": int(i), "score": float(probs[i])}
-                       for i in order],
-        }
-        if embedding:
-            item["embedding"] = r.prediction.embedding
-        out.append(item)
+    out = [_predict_item(r, top_k, embedding, explain) for r in results]
     return JSONBytes({"model": service.model_ref(results), "results": out},
                      headers=stored_header(results))
+
+
+def _predict_item(r: ImageResult, top_k: int, embedding: bool, explain: bool) -> dict[str, Any]:
+    labels = r.card.labels  # of the model that computed it
+    p = r.prediction
+    order = np.argsort(-p.probs, kind="stable")[:top_k]
+    item: dict[str, Any] = {
+        "id": r.id, "filename": r.filename,
+        "labels": [{"label": labels[i], "index": int(i), "score": float(p.probs[i])}
+                   for i in order],
+        "unknown": p.unknown, "ood_score": p.ood_score,
+    }
+    if embedding:
+        item["embedding"] = p.embedding
+    if explain:
+        item["cam"] = cam_json(r.card, int(order[0]), p.cam)
+    return item
+
+
+def cam_json(card: ModelCard, label: int, cells: np.ndarray | None) -> dict[str, Any] | None:
+    """``{"label", "width", "height", "values"}``: the top label's map over the model's input
+    (size x size, as the card's resize rule makes it), row-major, in [0, 1]."""
+    if cells is None:
+        return None
+    size = card.input.size
+    values = input_map(cells[None], 0, size, total_stride(card.arch))
+    return {"label": card.labels[label], "index": label, "width": size, "height": size,
+            "values": values.ravel()}
 
 
 @router.post("/embed", openapi_extra=image_upload_body(), responses=UPLOAD_ERRORS,
@@ -104,7 +127,7 @@ async def model_info(service: ServiceDep) -> JSONBytes:
         "weights_sha256": card.weights_sha256, "metrics": {
             k: v for k, v in card.metrics.items() if k != "confusion_matrix"},
         "device": str(p.device), "dtype": p.dtype, "engine": p.engine.name,
-        "instance": p.instance,
+        "instance": p.instance, "calibration": p.scores.describe(),
         "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms,
                      "max_queue": s.max_queue, "request_timeout_ms": s.request_timeout_ms},
         "limits": {"max_files": s.max_files, "max_upload_bytes": s.max_upload_bytes,

@@ -22,15 +22,34 @@ class ModelRef(BaseModel):
 class Label(BaseModel):
     label: str
     index: int = Field(ge=0, description="the class's position in the model's labels")
-    score: float = Field(ge=0, le=1, description="softmax probability")
+    score: float = Field(ge=0, le=1, description="the calibrated probability (softmax of the "
+                         "logits over the card's temperature; the raw softmax for a card "
+                         "without calibration)")
+
+
+class Cam(BaseModel):
+    label: str = Field(description="the top label, whose map this is")
+    index: int = Field(ge=0)
+    width: int = Field(gt=0, description="the model's input width")
+    height: int = Field(gt=0)
+    values: list[float] = Field(description="height x width values in [0, 1], row-major "
+                                "(row y, then column x), over the input as the card's resize "
+                                "rule makes it")
 
 
 class Prediction(BaseModel):
     id: str = Sha256
     filename: str | None = Field(description="the part's filename, if it had one")
     labels: list[Label] = Field(description="top_k labels, best first")
+    unknown: bool | None = Field(description="true: not like anything the model was "
+                                 "trained on (ood_score above the threshold); null for a card "
+                                 "without calibration")
+    ood_score: float | None = Field(description="higher = less like the training data "
+                                    "(Mahalanobis distance to the nearest class mean); null "
+                                    "for a card without calibration")
     embedding: list[float] | None = Field(
         default=None, description="the feature vector, only with embedding=true")
+    cam: Cam | None = Field(default=None, description="only with explain=true")
 
 
 class PredictResponse(BaseModel):
@@ -88,6 +107,9 @@ class ModelInfo(BaseModel):
     dtype: str
     engine: str
     instance: str = Field(description="host:pid of the serving process")
+    calibration: dict[str, Any] = Field(description="calibrated: whether the card has a "
+                                        "temperature and unknown threshold; threshold, "
+                                        "known_fraction (the operating point) and the card's")
     batching: Batching
     limits: Limits
 

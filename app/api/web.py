@@ -28,7 +28,8 @@ ASSETS = {
     "icon.svg": "image/svg+xml",
 }
 # the plots the trainer writes into a model directory (app/training/train.py) -> their title
-CARD_FILES = {"curves.png": "Training curves", "confusion.png": "Confusion matrix (test set)"}
+CARD_FILES = {"curves.png": "Training curves", "confusion.png": "Confusion matrix (test set)",
+              "calibration.png": "Calibration and unknown pictures"}
 
 # The page loads nothing from elsewhere, and the browser is told to refuse anything else too:
 # scripts and styles from these files only, images from here or the page's own blob: previews.

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.model.calibration import CalibrationSpec
+
 CARD_SCHEMA_VERSION = 1
 
 # how an image is brought to the input size (app.model.decode applies it): "stretch", the whole
@@ -80,6 +82,9 @@ class ModelCard(BaseModel):
     created_at: str = ""
     # inference graphs by precision ("float32", "int8"), written by `imgrec export` / `quantize`
     graphs: dict[Literal["float32", "int8"], GraphSpec] = Field(default_factory=dict)
+    # temperature, unknown-picture score and class maps, written by `imgrec calibrate`; a card
+    # without it serves raw softmax scores and no unknown decision (app/model/calibration.py)
+    calibration: CalibrationSpec | None = None
 
     @model_validator(mode="after")
     def _schema(self) -> ModelCard:

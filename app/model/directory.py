@@ -16,8 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import ValidationError
 
+from app.model import tensorfile
 from app.model.card import GraphSpec, ModelCard
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -122,3 +124,37 @@ def int8_accuracy(card: ModelCard) -> float | None:
     spec = card.graphs.get("int8")
     value = spec.metrics.get("test_top1") if spec is not None else None
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def calibration_tensors(root: Path, card: ModelCard) -> dict[str, np.ndarray] | None:
+    """The verified calibration statistics (class means, precision), or None when the card
+    has no calibration. Fitted for other weights, missing, or not the recorded bytes: refused,
+    as a graph is (calibrate again)."""
+    spec = card.calibration
+    if spec is None:
+        return None
+    path = root / spec.ood.file
+    redo = f"calibrate it again (imgrec calibrate {root})"
+    if spec.weights_sha256 != card.weights_sha256:
+        raise ModelDirError(f"{path}: the calibration was fitted for weights "
+                            f"{spec.weights_sha256}, but the card's weights are "
+                            f"{card.weights_sha256}; {redo}")
+    if not path.is_file():
+        raise ModelDirError(f"{path}: the card records a calibration but the file is missing; "
+                            f"{redo}")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != spec.ood.sha256:
+        raise ModelDirError(f"{path}: sha256 mismatch (card says {spec.ood.sha256}, file is "
+                            f"{actual}); {redo}")
+    try:
+        tensors = tensorfile.decode(data)
+    except tensorfile.TensorFileError as e:
+        raise ModelDirError(f"{path}: {e}") from None
+    want = {"class_means": (card.num_classes, card.embedding_dim),
+            "precision": (card.embedding_dim, card.embedding_dim)}
+    for name, shape in want.items():
+        if name not in tensors or tensors[name].shape != shape:
+            got = tensors[name].shape if name in tensors else "missing"
+            raise ModelDirError(f"{path}: {name} should be {shape}, is {got}; {redo}")
+    return tensors

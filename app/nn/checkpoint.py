@@ -140,6 +140,39 @@ def _fmt_metric(value: object) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def _calibration_lines(card: ModelCard) -> list[str]:
+    cal = card.calibration
+    if cal is None:
+        return []
+    m, loc = cal.metrics, cal.metrics.get("localisation", {})
+    lines = [
+        "## Calibrated scores and unknown pictures (imgrec calibrate)", "",
+        f"- temperature {cal.temperature:.4f}: test ECE {m.get('test_ece_before')} before, "
+        f"{m.get('test_ece_after')} after (15 bins, {m.get('test_images')} images); top-1 "
+        f"unchanged: {m.get('test_top1_unchanged')}",
+        f"- unknown: {cal.ood.method} distance of the embedding to the nearest class mean "
+        f"(shared covariance, fitted on {cal.ood.fit.get('images')} training images); "
+        f"threshold {cal.ood.threshold:.6g} calls {cal.ood.known_fraction:.0%} of the "
+        f"{m.get('val_images')} validation images known",
+        f"- test images called unknown: {m.get('test_unknown_fraction')}",
+    ]
+    if "far_ood_unknown_fraction" in m:
+        lines += [
+            f"- far-OOD pictures called unknown: {m.get('far_ood_unknown_fraction')} of "
+            f"{m.get('far_ood_images')} (by kind: {m.get('far_ood_by_kind')})",
+            f"- class map peak in the garment's quadrant (black canvas twice the side): "
+            f"{loc.get('peak_in_quadrant_top_label')} (top label), "
+            f"{loc.get('peak_in_quadrant_true_label')} (true label), {loc.get('images')} "
+            "images", "", "![calibration](calibration.png)"]
+    for key, what in (("open_set", "open set, two classes held out"),
+                      ("far_ood_scores_compared", "scores compared on far-OOD pictures")):
+        if isinstance(m.get(key), dict):
+            lines.append(f"- {what}: {m[key]}")
+    if cal.command:
+        lines.append(f"- made by `{cal.command}`")
+    return [*lines, ""]
+
+
 def render_model_card(card: ModelCard, extra_markdown: str = "") -> str:
     """MODEL_CARD.md, generated from card.json so the two never disagree."""
     lines = [
@@ -181,6 +214,7 @@ def render_model_card(card: ModelCard, extra_markdown: str = "") -> str:
             lines.append(f"- {precision}: `{g.file}`, sha256 `{g.sha256}`, exported from "
                          f"weights `{g.weights_sha256[:12]}`, opset {g.opset}{measured}")
         lines.append("")
+    lines += _calibration_lines(card)
     if card.training.get("command"):
         lines += ["## How it was made", "", "```", str(card.training["command"]), "```", ""]
     if extra_markdown:

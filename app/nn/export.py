@@ -3,9 +3,10 @@
 ``imgrec export MODEL_DIR`` (and the trainer, after it writes the weights) folds the BNs that
 follow a convolution, puts the card's normalisation inside the graph and exports with
 ``torch.onnx.export(dynamo=True)``: uint8 pixels (N, C, size, size) in, with N dynamic;
-float32 ``logits`` (N, classes) and ``embedding`` (N, D) out. Before the graph is written,
-ONNX Runtime runs it on random pixels and its outputs are compared with the PyTorch network's;
-the card then records the graph's sha256 and the weights' sha256 it came from.
+float32 ``logits`` (N, classes), ``embedding`` (N, D) and ``cam`` (N, classes, h, w), the
+logits at each cell of the last feature map (the class activation maps), out. Before the
+graph is written, ONNX Runtime runs it on random pixels and its outputs are compared with the
+PyTorch network's; the card then records the graph's sha256 and the weights' sha256 it came from.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from app.nn.fuse import fold_batchnorms
 from app.nn.resnet import PatentResNet
 
 INPUTS = ["images"]
-OUTPUTS = ["logits", "embedding"]
+OUTPUTS = ["logits", "embedding", "cam"]
 MAX_BATCH = 4096
 # |onnx - pytorch| allowed at export, relative to the largest output magnitude
 TOLERANCE = 1e-4
 
 
 class InferenceGraph(nn.Module):
-    """uint8 pixels -> the card's normalisation -> (logits, embedding), both float32."""
+    """uint8 pixels -> the card's normalisation -> (logits, embedding, cam), float32."""
 
     def __init__(self, model: PatentResNet, spec: InputSpec) -> None:
         super().__init__()
@@ -49,10 +50,12 @@ class InferenceGraph(nn.Module):
             [m / s for m, s in zip(spec.mean, spec.std, strict=True)],
             dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = images.to(torch.float32) * self.scale - self.shift
-        features = self.model.features(x)
-        return self.model.head(features).float(), features.float()
+        fmap = self.model.feature_map(x)
+        features = self.model.pool_features(fmap)
+        return (self.model.head(features).float(), features.float(),
+                self.model.class_maps(fmap).float())
 
 
 def export_onnx(model: PatentResNet, spec: InputSpec) -> bytes:
@@ -85,12 +88,13 @@ def compare_with_torch(data: bytes, model: PatentResNet, spec: InputSpec,
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (batch, spec.channels, spec.size, spec.size), dtype=np.uint8)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    logits, embedding = session.run(OUTPUTS, {"images": pixels})
+    outputs = session.run(OUTPUTS, {"images": pixels})
     reference = InferenceGraph(model.float().cpu().eval(), spec).eval()
     with torch.inference_mode():
-        ref_logits, ref_embedding = reference(torch.from_numpy(pixels))
+        wanted = reference(torch.from_numpy(pixels))
     worst = 0.0
-    for got, want in ((logits, ref_logits.numpy()), (embedding, ref_embedding.numpy())):
+    for got, want_t in zip(outputs, wanted, strict=True):
+        want = want_t.numpy()
         scale = max(float(np.abs(want).max()), 1e-6)
         worst = max(worst, float(np.abs(got - want).max()) / scale)
     return worst
@@ -131,8 +135,9 @@ def export_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="imgrec export",
         description="Write the inference graph (model.onnx: BNs folded, normalisation inside, "
-                    "dynamic batch; outputs logits and embedding) into a model directory and "
-                    "record its sha256 in the card. The CPU server then starts without PyTorch.")
+                    "dynamic batch; outputs logits, embedding and the class maps) into a "
+                    "model directory and record its sha256 in the card. The CPU server then "
+                    "starts without PyTorch.")
     p.add_argument("model_dir")
     args = p.parse_args(argv)
     spec = export_model_dir(args.model_dir)

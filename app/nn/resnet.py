@@ -201,10 +201,22 @@ class PatentResNet(nn.Module):
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(cast(nn.Conv2d, m.branch.conv3).weight)
 
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The final BN-ReLU's output before the pool, shape (N, embedding_dim, h, w)."""
+        return self.head_norm(self.stages(self.stem(x)))
+
     def features(self, x: Tensor) -> Tensor:
         """The embedding: pooled output of the final BN-ReLU, shape (N, embedding_dim)."""
-        x = self.stages(self.stem(x))
-        return torch.flatten(self.pool(self.head_norm(x)), 1)
+        return self.pool_features(self.feature_map(x))
+
+    def pool_features(self, fmap: Tensor) -> Tensor:
+        return torch.flatten(self.pool(fmap), 1)
+
+    def class_maps(self, fmap: Tensor) -> Tensor:
+        """The logits at every cell of the feature map, (N, classes, h, w): the class
+        activation maps of Zhou et al.; their mean over the cells is exactly the logits (the
+        head is a linear layer after an average pool)."""
+        return torch.einsum("nchw,kc->nkhw", fmap, self.fc.weight) + self.fc.bias.view(1, -1, 1, 1)
 
     def head(self, features: Tensor) -> Tensor:
         """Classifier logits from features, shape (N, num_classes)."""

@@ -10,35 +10,39 @@ from torch import Tensor, nn
 from app.model.card import InputSpec
 from app.nn.resnet import PatentResNet
 from app.nn.tensors import normalize_batch
+from app.serving.engines import Outputs
 
 
-class _ProbsAndFeatures(nn.Module):
-    """Normalised batch -> (softmax probabilities, feature vectors), both float32."""
+class _Outputs(nn.Module):
+    """Normalised batch -> (logits, feature vectors, class maps), as the ONNX graph's."""
 
     def __init__(self, model: PatentResNet) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.model.features(x)
-        return torch.softmax(self.model.head(features).float(), dim=1), features.float()
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        fmap = self.model.feature_map(x)
+        features = self.model.pool_features(fmap)
+        return (self.model.head(features).float(), features.float(),
+                self.model.class_maps(fmap).float())
 
 
 class TorchEngine:
     name = "torch"
+    has_cam = True
 
     def __init__(self, model: PatentResNet, spec: InputSpec, device: torch.device,
                  dtype: torch.dtype) -> None:
-        self.net = _ProbsAndFeatures(model.to(device, dtype).to(memory_format=torch.channels_last))
+        self.net = _Outputs(model.to(device, dtype).to(memory_format=torch.channels_last))
         self.spec, self.device, self.dtype = spec, device, dtype
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: np.ndarray) -> Outputs:
         # uint8 travels to the device; normalisation runs there
         x = torch.from_numpy(images).to(self.device, non_blocking=True)
         x = normalize_batch(x, self.spec, self.dtype).contiguous(memory_format=torch.channels_last)
-        probs, features = self.net(x)
-        return probs.cpu().numpy(), features.cpu().numpy()
+        logits, features, cam = self.net(x)
+        return Outputs(logits.cpu().numpy(), features.cpu().numpy(), cam.cpu().numpy())
 
 
 def cuda_available() -> bool:

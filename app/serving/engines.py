@@ -13,37 +13,43 @@ model card says, once per batch: inside the graph for ONNX Runtime, on the devic
 * ``torch``: eager PyTorch on the model's device and dtype (bf16 on CUDA), channels_last
   (``app.serving.engine_torch``, imported only when chosen).
 
-Both return (probs, features) as float32 numpy arrays.
+Both return ``Outputs``: logits, features and the class maps (logits per cell of the last
+feature map, for ``?explain=true``), float32 numpy arrays. A graph exported before the class
+maps existed has no ``cam`` output: its engine returns None for them.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from app.model.calibration import softmax
+
 log = logging.getLogger("imgrec.engines")
+
+
+__all__ = ["Engine", "OnnxRuntimeEngine", "Outputs", "onnxruntime_available", "softmax"]
+
+
+class Outputs(NamedTuple):
+    logits: np.ndarray  # (N, classes)
+    features: np.ndarray  # (N, D), the embedding
+    cam: np.ndarray | None  # (N, classes, h, w), or None for a graph without them
 
 
 class Engine(Protocol):
     name: str
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, C, size, size) -> float32 (probs (N, classes), features (N, D))."""
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+    def __call__(self, images: np.ndarray) -> Outputs:
+        """uint8 (N, C, size, size) -> float32 logits, features and class maps."""
 
 
 class OnnxRuntimeEngine:
-    """An inference graph (file or bytes) with inputs ``images`` (uint8) and outputs ``logits``
-    and ``embedding`` (float32), as app.nn.export writes it."""
+    """An inference graph (file or bytes) with inputs ``images`` (uint8) and outputs ``logits``,
+    ``embedding`` and (graphs exported since issue 22) ``cam``, as app.nn.export writes it."""
 
     name = "onnxruntime"
 
@@ -61,11 +67,13 @@ class OnnxRuntimeEngine:
         if names[:2] != ["logits", "embedding"]:
             raise ValueError(f"the graph's outputs are {names}; expected logits, embedding "
                              "(export it again with imgrec export)")
+        self.outputs = names[:3] if names[2:3] == ["cam"] else names[:2]
+        self.has_cam = len(self.outputs) == 3
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: np.ndarray) -> Outputs:
         # one call, one release of the GIL: the whole graph, normalisation included, runs in C++
-        logits, features = self.session.run(None, {"images": images})
-        return softmax(logits), features
+        got = self.session.run(self.outputs, {"images": images})
+        return Outputs(got[0], got[1], got[2] if self.has_cam else None)
 
 
 def onnxruntime_available() -> bool:

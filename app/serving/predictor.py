@@ -14,14 +14,20 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.model.directory import ModelDirError, graph_path, int8_accuracy, open_model_dir
-from app.serving.engines import Engine, OnnxRuntimeEngine, onnxruntime_available
+from app.model.directory import (
+    ModelDirError,
+    calibration_tensors,
+    graph_path,
+    int8_accuracy,
+    open_model_dir,
+)
+from app.serving.engines import Engine, OnnxRuntimeEngine, Outputs, onnxruntime_available
+from app.serving.scores import Prediction, Scores
 from app.serving.store_key import model_key
 
 if TYPE_CHECKING:
@@ -30,10 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("imgrec.predictor")
 
 
-@dataclass(slots=True)
-class Prediction:
-    probs: np.ndarray  # (num_classes,) float32
-    embedding: np.ndarray  # (embedding_dim,) float32
+__all__ = ["Prediction", "Predictor"]
 
 
 def _gpu_may_exist() -> bool:
@@ -77,9 +80,11 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike[str], device: str = "auto",
                  dtype: str = "auto", threads: int = 1, engine: str = "auto",
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", known_fraction: float | None = None) -> None:
         started = time.perf_counter()
         root, self.card = open_model_dir(model_dir)  # refuses weights that are not the card's
+        # calibrated probabilities and the unknown decision (a card without calibration: none)
+        self.scores = Scores(self.card, calibration_tensors(root, self.card), known_fraction)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         cpu = self.device == "cpu"
@@ -122,7 +127,7 @@ class Predictor:
         """The predictor the settings describe (the service and ``imgrec index`` alike): the
         same device, engine and precision, so the same vectors under the same model key."""
         return cls(settings.model_dir, settings.device, settings.dtype, settings.torch_threads,
-                   settings.engine, settings.precision)
+                   settings.engine, settings.precision, settings.ood_known_fraction)
 
     def _onnxruntime(self, root: Path, precision: str, threads: int) -> OnnxRuntimeEngine:
         if precision == "int8":
@@ -164,11 +169,16 @@ class Predictor:
             for _ in range(batches):
                 self.forward([blank] * n)
 
-    def check_outputs(self, outputs: tuple[np.ndarray, np.ndarray]) -> None:
+    @property
+    def explains(self) -> bool:
+        """Whether its engine computes class maps (a graph exported before them does not)."""
+        return bool(getattr(self.engine, "has_cam", False))
+
+    def check_outputs(self, outputs: Outputs) -> None:
         """A network whose outputs are not the card's (another class count or embedding size)
         would answer with the wrong labels: refuse it."""
-        probs, features = outputs
-        want = {"probabilities": (1, len(self.card.labels)),
+        probs, features = outputs.logits, outputs.features
+        want = {"logits": (1, len(self.card.labels)),
                 "embedding": (1, self.card.embedding_dim)}
         for (name, shape), got in zip(want.items(), (probs, features), strict=True):
             if tuple(got.shape) != shape:
@@ -190,5 +200,4 @@ class Predictor:
                                  f"{self.image_bytes} ({self.image_shape} uint8)")
         pixels = np.frombuffer(bytearray().join(images), np.uint8)  # writable: torch wants it
         batch = pixels.reshape(len(images), *self.image_shape)
-        p, f = self.engine(batch)
-        return [Prediction(p[i], f[i]) for i in range(len(images))]
+        return self.scores(self.engine(batch))

@@ -69,6 +69,8 @@ class TrainConfig(BaseModel):
     init_from: str | None = Field(None, description="start from this model directory's weights "
                                   "(fine-tuning; same preset, architecture and labels)")
     progress: bool = True
+    calibrate: bool = Field(False, description="then run imgrec calibrate on the directory "
+                            "(temperature, unknown threshold, class-map baseline, measured)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -350,6 +350,10 @@ def write_model_dir(cfg: TrainConfig, rt: Runtime, data: Data, run: Run, out: Pa
     from app.nn.export import export_model_dir
 
     export_model_dir(out)  # model.onnx, recorded in the card
+    if cfg.calibrate:  # on the same data and validation split (the card records both)
+        from app.training.calibrate import calibrate_main
+
+        calibrate_main([str(out), "--threads", str(cfg.threads)])
     reason = run.stop.reason or "stopped"
     log.write(event="done", test_top1=test.top1, stop_reason=reason, wall_time_s=wall)
     print(f"test top-1 {test.top1:.2f}% on {test.n} images; {reason}; wrote {out}",

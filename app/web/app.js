@@ -17,6 +17,8 @@ const el = (tag, props = {}, ...children) => {
 
 const state = {
   labels: 0,                  // the model's class count, from /model
+  resize: "stretch",          // the card's resize rule: which part of a picture the model sees
+  explain: true,              // ask for class maps (off when this model's graph has none)
   search: "unknown",          // "yes" | "no" | "unknown": is POST /search served here?
   images: new Map(),          // image id (sha256 of its bytes) -> preview URL, this tab only
   entries: [],                // every upload shown, in order
@@ -111,6 +113,7 @@ async function loadCard() {
   $("#card-error").hidden = true;
   const m = r.data, metrics = m.metrics || {};
   state.labels = (m.labels || []).length;
+  state.resize = (m.input && m.input.resize) || "stretch";
   $("#model-ref").textContent = `${m.name} v${m.version} · ${m.engine || ""} on ${m.device || "?"}`;
   $("#card-desc").textContent = (m.description || "").replace(/`([^`]*)`/g, "$1");  // Markdown code
   const dl = $("#card-facts");
@@ -191,7 +194,11 @@ async function predict(entry) {
   form.append("file", entry.file, entry.file.name);
   const top = Math.max(1, Math.min(ASKED_LABELS, state.labels || ASKED_LABELS));
   const started = performance.now();
-  const r = await call(`/predict?top_k=${top}`, { method: "POST", body: form });
+  let r = await call(`/predict?top_k=${top}&explain=${state.explain}`, { method: "POST", body: form });
+  if (r.status === 422 && r.error && r.error.code === "explain_unavailable") {
+    state.explain = false;  // a model whose graph has no class maps: predict without them
+    r = await call(`/predict?top_k=${top}`, { method: "POST", body: form });
+  }
   entry.ms = performance.now() - started;
   if (r.error) {
     entry.status = "failed";
@@ -267,7 +274,46 @@ function render(entry) {
         el("span", { className: "pct", textContent: pct(l.score) })));
     }
   }
+  renderVerdict(entry);
   renderNeighbors(entry);
+}
+
+function renderVerdict(entry) {
+  const node = entry.node, r = entry.result;
+  const flag = $(".unknown", node);
+  flag.hidden = !(r && r.unknown);
+  flag.textContent = r && r.unknown
+    ? `Unknown: not like the pictures this model was trained on (score ${r.ood_score.toFixed(0)})` : "";
+  const note = $(".cam-note", node);
+  note.hidden = !(r && r.cam);
+  note.textContent = r && r.cam ? `Shaded: where the picture looks most like "${r.cam.label}"` : "";
+  const canvas = $(".cam", node);
+  canvas.hidden = !(r && r.cam);
+  if (r && r.cam) drawCam(canvas, $(".preview", node), r.cam);
+}
+
+// The class map as a heat map (white = none, red = most), over the part of the preview the model
+// saw: the whole picture stretched (the "stretch" rule), or its centre square
+// ("shorter-side-crop"); the preview shows the picture whole ("object-fit: contain").
+function drawCam(canvas, img, cam) {
+  canvas.width = cam.width;
+  canvas.height = cam.height;
+  const ctx = canvas.getContext("2d");
+  const pixels = ctx.createImageData(cam.width, cam.height);
+  cam.values.forEach((v, i) => {  // row-major: i = y * width + x
+    pixels.data.set([255, Math.round(255 * (1 - v)), Math.round(255 * (1 - v)), 255], i * 4);
+  });
+  ctx.putImageData(pixels, 0, 0);
+  const place = () => {
+    const box = img.getBoundingClientRect();
+    const nw = img.naturalWidth || 1, nh = img.naturalHeight || 1;
+    const scale = Math.min(box.width / nw, box.height / nh);
+    let w = nw * scale, h = nh * scale;
+    if (state.resize === "shorter-side-crop") w = h = Math.min(w, h);
+    Object.assign(canvas.style, { width: `${w}px`, height: `${h}px`,
+      left: `${img.offsetLeft + (box.width - w) / 2}px`, top: `${img.offsetTop + (box.height - h) / 2}px` });
+  };
+  if (img.complete) place(); else img.addEventListener("load", place, { once: true });
 }
 
 function renderNeighbors(entry) {

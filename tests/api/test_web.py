@@ -208,8 +208,8 @@ def test_page_loads_without_console_errors_and_only_same_origin_requests(
         page: Any, server: str, shots: Path) -> None:
     wait_for(page, lambda d: d.execute_script(
         "const imgs = [...document.querySelectorAll('#plots img')];"
-        "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0)"),
-        "both model plots")
+        "return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0)"),
+        "the three model plots")
     page.save_screenshot(str(shots / "01-loaded.png"))
     assert console_errors(page) == []
     urls = requested_urls(page)
@@ -217,7 +217,8 @@ def test_page_loads_without_console_errors_and_only_same_origin_requests(
     assert foreign == [], foreign
     paths = {u.removeprefix(server) for u in urls}
     assert {"/", "/static/app.js", "/static/app.css", "/model", "/readyz", "/metrics",
-            "/model/files", "/model/files/curves.png", "/model/files/confusion.png"} <= paths
+            "/model/files", "/model/files/curves.png", "/model/files/confusion.png",
+            "/model/files/calibration.png"} <= paths
 
     card = json.loads(httpx.get(server + "/model").text)
     facts = page.execute_script("""return Object.fromEntries([...document.querySelectorAll(
@@ -256,6 +257,40 @@ def test_an_upload_shows_the_label_predict_gives_for_the_same_bytes(
     from selenium.webdriver.support.ui import Select
     Select(page.find_element("id", "top-k")).select_by_visible_text("5")
     assert results(page)[0]["labels"] == [[x["label"], shown_pct(x["score"])] for x in expected]
+
+
+def test_the_class_map_is_drawn_over_the_preview_and_unknown_is_flagged(
+        page: Any, server: str, images: dict[str, Path], shots: Path, tmp_path: Path) -> None:
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+                    ).save(noise)
+    upload(page, images["Trouser"], noise)
+    wait_for(page, lambda d: settled(d, 2), "both answers")
+    page.save_screenshot(str(shots / "02b-class-map-and-unknown.png"))
+    shown = list(reversed(page.execute_script("""
+        return [...document.querySelectorAll('#results > li')].map(li => {
+          const c = li.querySelector('canvas.cam'), img = li.querySelector('.preview');
+          const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          let white = 0, red = 0;
+          for (let i = 0; i < px.length; i += 4) {
+            if (px[i + 1] > 250) white++; if (px[i + 1] < 5) red++; }
+          const cb = c.getBoundingClientRect(), ib = img.getBoundingClientRect();
+          return {hidden: c.hidden, w: c.width, h: c.height, white, red,
+                  over: cb.width > 0 && cb.left >= ib.left - 1 && cb.right <= ib.right + 1
+                        && cb.top >= ib.top - 1 && cb.bottom <= ib.bottom + 1,
+                  unknown: li.querySelector('.unknown').hidden ? null
+                           : li.querySelector('.unknown').textContent};
+        });""")))
+    answers = [httpx.post(server + "/predict?explain=true", headers=AUTH, timeout=WAIT_S,
+                          files=[("file", (p.name, p.read_bytes()))]).json()["results"][0]
+               for p in (images["Trouser"], noise)]
+    for got, want in zip(shown, answers, strict=True):
+        # the map as the service gave it: 28 x 28, its minimum white, its maximum full red
+        assert not got["hidden"] and (got["w"], got["h"]) == (28, 28) and got["over"]
+        assert got["white"] >= 1 and got["red"] >= 1
+        assert (got["unknown"] is not None) is want["unknown"]
+    assert answers[0]["unknown"] is False and answers[1]["unknown"] is True
+    assert "Unknown" in shown[1]["unknown"]
 
 
 def test_three_files_at_once_show_three_results(

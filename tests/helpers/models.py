@@ -33,3 +33,31 @@ def make_model_dir(path: Path, preset: str = "fashion-small", seed: int = 0,
                                      std=std))
     save_model_dir(model, card, path)
     return path
+
+
+def calibrate_tiny(directory: Path, images: int = 300, seed: int = 0) -> Path:
+    """``imgrec calibrate``'s fit and write on a tiny model, with seeded random pictures and
+    labels for its splits (no data set needed): the card and calibration.safetensors as the
+    command leaves them, in a second or two."""
+    import numpy as np
+
+    from app.model.directory import open_model_dir
+    from app.training.calibrate import calibrate, write
+
+    root, card = open_model_dir(directory)
+    rng = np.random.default_rng(seed)
+    shape = (images, card.input.channels, card.input.size, card.input.size)
+
+    def split() -> tuple[np.ndarray, np.ndarray]:
+        # pictures with structure (a bright block somewhere), not only noise
+        x = (rng.random(shape) * 60).astype(np.uint8)
+        for i in range(images):
+            r, c = rng.integers(0, card.input.size // 2, 2)
+            x[i, :, r:r + 12, c:c + 12] = 200
+        return x, rng.integers(0, card.num_classes, images)
+
+    splits = {"fit": split(), "val": split(), "test": split()}
+    spec, tensors, data = calibrate(root, card, splits, 0.95, 1, True, measure=False)
+    write(root, card, spec.model_copy(update={"command": "tests/helpers/models.calibrate_tiny"}),
+          tensors, data)
+    return root

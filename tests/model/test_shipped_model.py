@@ -104,3 +104,29 @@ def test_the_shipped_model_holds_its_graphs_and_the_int8_one_is_as_accurate() ->
         top1 = float((predicted == labels).mean() * 100)
         claimed = int8["test_top1"] if precision == "int8" else card.metrics["test_top1"]
         assert abs(top1 - claimed) <= 0.05, (precision, top1, claimed)
+
+
+def test_the_shipped_model_is_calibrated_and_its_precisions_agree_on_unknown(
+        fashion_test: tuple[np.ndarray, np.ndarray]) -> None:
+    from app.model.decode import load_input
+    from app.serving.predictor import Predictor
+    from app.training.ood_sets import far_ood
+
+    card = load_model_dir(SHIPPED).card
+    cal = card.calibration
+    assert cal is not None and (SHIPPED / "calibration.png").is_file()
+    m = cal.metrics
+    # the goals for the shipped model, as measured by imgrec calibrate
+    assert m["test_unknown_fraction"] <= 0.05 and m["test_top1_unchanged"] is True
+    assert m["far_ood_unknown_fraction"] >= 0.90 and m["test_ece_after"] <= 0.03
+    images, _ = fashion_test
+    garments = [np.ascontiguousarray(images[i][None]).tobytes() for i in range(300)]
+    pictures = [load_input(f, card.input).tobytes() for fs in far_ood().values() for f in fs]
+    f32 = Predictor(SHIPPED, device="cpu", engine="onnxruntime")
+    i8 = Predictor(SHIPPED, device="cpu", engine="onnxruntime", precision="int8")
+    a, b = f32.forward(garments + pictures), i8.forward(garments + pictures)
+    known_f32 = [p.unknown for p in a[:300]]
+    assert sum(map(bool, known_f32)) <= 0.10 * 300  # the operating point keeps garments known
+    assert all(p.unknown for p in a[300:]) and all(p.unknown for p in b[300:])
+    same = sum(x.unknown == y.unknown for x, y in zip(a, b, strict=True))
+    assert same >= 0.98 * len(a), f"float32 and int8 disagree on {len(a) - same} images"

@@ -10,7 +10,10 @@ it returns; the one Service does the work. The model's tensors:
   ``Service.infer_pixels``, for clients that decode themselves;
 * outputs ``probabilities`` FP32 ``[N, classes]`` (softmax) and ``embedding`` FP32 ``[N, D]``;
   with the classification extension on ``probabilities``: BYTES ``[N, count]`` strings
-  ``"score:index:label"``, best first.
+  ``"score:index:label"``, best first;
+* with a calibrated card (``imgrec calibrate``), also ``ood_score`` FP32 ``[N]`` (higher =
+  less like the training data) and ``unknown`` BOOL ``[N]``, as ``/predict`` answers them;
+  ``probabilities`` are then the calibrated ones.
 
 The same tensors in Triton's model configuration form (``model_config``: the model
 configuration extension, what perf_analyzer and Triton's tooling read first), with Triton's
@@ -40,7 +43,22 @@ SERVER_NAME = "imgrec"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 IMAGE, PIXELS = "image", "pixels"
 PROBABILITIES, EMBEDDING = "probabilities", "embedding"
+OOD_SCORE, UNKNOWN = "ood_score", "unknown"
 OUTPUTS = (PROBABILITIES, EMBEDDING)
+CALIBRATED_OUTPUTS = (OOD_SCORE, UNKNOWN)
+
+
+def outputs_of(card: ModelCard) -> tuple[str, ...]:
+    """The output tensors of this model: the unknown decision's only with a calibrated card."""
+    return OUTPUTS + (CALIBRATED_OUTPUTS if card.calibration is not None else ())
+
+
+def tensor_bytes(t: OutputTensor) -> bytes:
+    """A tensor's raw little-endian bytes, as the binary extension and gRPC carry them."""
+    if isinstance(t.data, np.ndarray):
+        dtype = np.bool_ if t.datatype == "BOOL" else np.dtype("<f4")
+        return t.data.astype(dtype, copy=False).tobytes()
+    return serialize_bytes(t.data)
 _LENGTH = struct.Struct("<I")
 
 
@@ -87,7 +105,7 @@ class RequestedOutput:
 @dataclass(slots=True)
 class OutputTensor:
     name: str
-    datatype: str  # FP32 or BYTES
+    datatype: str  # FP32, BOOL or BYTES
     shape: list[int]
     data: np.ndarray | list[bytes]  # FP32: (N, K) float32; BYTES: row-major elements
     binary: bool = False
@@ -128,6 +146,9 @@ def model_metadata(card: ModelCard) -> dict[str, object]:
         "outputs": [
             {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(card.labels)]},
             {"name": EMBEDDING, "datatype": "FP32", "shape": [-1, card.embedding_dim]},
+            *([{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]},
+               {"name": UNKNOWN, "datatype": "BOOL", "shape": [-1]}]
+              if card.calibration is not None else []),
         ],
     }
 
@@ -159,6 +180,11 @@ def model_config(service: Service) -> model_config_pb2.ModelConfig:
         output=[
             mc.ModelOutput(name=PROBABILITIES, data_type=mc.TYPE_FP32, dims=[len(card.labels)]),
             mc.ModelOutput(name=EMBEDDING, data_type=mc.TYPE_FP32, dims=[card.embedding_dim]),
+            *([mc.ModelOutput(name=OOD_SCORE, data_type=mc.TYPE_FP32, dims=[1],
+                              reshape=mc.ModelTensorReshape(shape=[])),
+               mc.ModelOutput(name=UNKNOWN, data_type=mc.TYPE_BOOL, dims=[1],
+                              reshape=mc.ModelTensorReshape(shape=[]))]
+              if card.calibration is not None else []),
         ],
         dynamic_batching=mc.ModelDynamicBatching(
             preferred_batch_size=[s.max_batch_size] if s.max_batch_size <= s.max_files else [],
@@ -282,12 +308,13 @@ def _pixels(t: InputTensor, card: ModelCard) -> np.ndarray:
 def check_outputs(card: ModelCard, requested: Sequence[RequestedOutput] | None,
                   binary_default: bool) -> list[RequestedOutput]:
     """The outputs to answer, in the order asked (all of them when none are named)."""
+    names = outputs_of(card)
     if not requested:
-        return [RequestedOutput(name, 0, binary_default) for name in OUTPUTS]
+        return [RequestedOutput(name, 0, binary_default) for name in names]
     seen: set[str] = set()
     for o in requested:
-        if o.name not in OUTPUTS:
-            raise bad(f"unknown output '{o.name}'; this model has {list(OUTPUTS)}")
+        if o.name not in names:
+            raise bad(f"unknown output '{o.name}'; this model has {list(names)}")
         if o.name in seen:
             raise bad(f"output '{o.name}' requested twice")
         seen.add(o.name)
@@ -329,8 +356,21 @@ async def infer(service: Service, inputs: Sequence[InputTensor],
                                         o.binary))
             else:
                 out.append(OutputTensor(o.name, "FP32", list(probs.shape), probs, o.binary))
-        else:
+        elif o.name == EMBEDDING:
             emb = np.stack([r.prediction.embedding for r in results]).astype(np.float32,
                                                                             copy=False)
             out.append(OutputTensor(o.name, "FP32", list(emb.shape), emb, o.binary))
+        else:
+            out.append(_decision(o, results))
     return card, n, out
+
+
+def _decision(o: RequestedOutput, results: Sequence[ImageResult]) -> OutputTensor:
+    """``ood_score`` or ``unknown`` of each image (a model update between the check and the
+    run to an uncalibrated card answers NaN and false rather than fail)."""
+    if o.name == OOD_SCORE:
+        scores = np.array([np.nan if r.prediction.ood_score is None else r.prediction.ood_score
+                           for r in results], np.float32)
+        return OutputTensor(o.name, "FP32", [len(results)], scores, o.binary)
+    flags = np.array([bool(r.prediction.unknown) for r in results], np.bool_)
+    return OutputTensor(o.name, "BOOL", [len(results)], flags, o.binary)

@@ -41,8 +41,8 @@ from app.api.oip.core import (
     infer,
     model_config,
     model_metadata,
-    serialize_bytes,
     server_metadata,
+    tensor_bytes,
     uint8_values,
 )
 from app.api.request_middleware import access_line, finish_span, start
@@ -188,9 +188,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                          id=request.id)
         for t in tensors:
             response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-            response.raw_output_contents.append(
-                t.data.astype("<f4", copy=False).tobytes() if isinstance(t.data, np.ndarray)
-                else serialize_bytes(t.data))
+            response.raw_output_contents.append(tensor_bytes(t))
         return response
 
 

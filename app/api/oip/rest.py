@@ -43,8 +43,8 @@ from app.api.oip.core import (
     infer,
     model_config,
     model_metadata,
-    serialize_bytes,
     server_metadata,
+    tensor_bytes,
     uint8_values,
 )
 from app.serving.errors import ServiceError
@@ -390,10 +390,7 @@ def _encode(request: dict[str, Any], name: str, version: str,
     for o in outputs:
         entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": o.shape}
         if o.binary:
-            if isinstance(o.data, np.ndarray):
-                blob = o.data.astype("<f4", copy=False).tobytes()
-            else:
-                blob = serialize_bytes(o.data)
+            blob = tensor_bytes(o)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif isinstance(o.data, np.ndarray):

@@ -142,12 +142,15 @@ def _replace(batch: pa.Table, name: str, column: pa.Array) -> pa.Table:
 
 
 def model_files(model_dir: Path) -> dict[str, bytes]:
-    """The model directory's card, weights and inference graphs, to ship to the actors
-    through the object store: a cluster's nodes need not have the directory."""
+    """The model directory's card, weights, inference graphs and calibration statistics, to
+    ship to the actors through the object store: a cluster's nodes need not have the
+    directory (every file the card vouches for by sha256, so the actors verify them too)."""
     from app.model.directory import WEIGHTS_FILE, read_card
 
     card = read_card(model_dir)
     names = ["card.json", WEIGHTS_FILE, *(g.file for g in card.graphs.values())]
+    if card.calibration is not None:
+        names.append(card.calibration.ood.file)
     return {n: (model_dir / n).read_bytes() for n in names if (model_dir / n).is_file()}
 
 
