@@ -153,7 +153,7 @@ def test_stages_skip_stored_ids_before_decoding_and_report_why_files_fail(
     assert a["score"] == pytest.approx(float(want.probs.max()))
     assert [r["label"] for r in done if r["status"] != "new"] == [None] * 4
     # the classifier that labels vectors stored by an earlier run agrees with the network
-    labels, scores = Classifier(DEFAULT_MODEL_DIR, CARD.labels)(want.embedding[None])
+    labels, scores = Classifier(DEFAULT_MODEL_DIR, CARD)(want.embedding[None])
     assert labels == [a["label"]] and scores[0] == pytest.approx(a["score"], rel=1e-4)
 
 
@@ -176,7 +176,8 @@ def test_the_shipped_model_directory_is_one_per_content(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     files = stages.model_files(DEFAULT_MODEL_DIR)
-    assert set(files) == {"card.json", "weights.safetensors", "model.onnx", "model.int8.onnx"}
+    assert set(files) == {"card.json", "weights.safetensors", "model.onnx", "model.int8.onnx",
+                          "calibration.safetensors"}
     first = stages.materialise(files)
     assert stages.materialise(dict(files)) == first
     assert (first / "model.onnx").read_bytes() == (DEFAULT_MODEL_DIR / "model.onnx").read_bytes()

@@ -145,7 +145,7 @@ def _run(listing: Listing, settings: Settings, options: RayOptions, model_dir: P
 
     started = time.perf_counter()
     writer = start_writer(settings)
-    rows = (ParquetRows(parquet, card.embedding_dim, Classifier(model_dir, card.labels))
+    rows = (ParquetRows(parquet, card.embedding_dim, Classifier(model_dir, card))
             if parquet is not None else None)
     failures = FailureReport(report)
     tally = Tally(key)

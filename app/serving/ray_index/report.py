@@ -12,6 +12,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.model.calibration import softmax
+from app.model.card import ModelCard
+
 if TYPE_CHECKING:
     import pyarrow as pa  # noqa: F401
     import pyarrow.parquet as pq
@@ -80,7 +83,7 @@ class Classifier:
     float32 graph these are the network's own within float rounding (its logits are this same
     product); for int8 or bf16 vectors, the float32 classifier's on them."""
 
-    def __init__(self, model_dir: Path, labels: list[str]) -> None:
+    def __init__(self, model_dir: Path, card: ModelCard) -> None:
         from safetensors.numpy import load_file
 
         from app.model.directory import WEIGHTS_FILE
@@ -88,13 +91,12 @@ class Classifier:
         weights = load_file(str(model_dir / WEIGHTS_FILE))
         self.weight = weights["fc.weight"].astype(np.float32)
         self.bias = weights["fc.bias"].astype(np.float32)
-        self.labels = labels
+        self.labels = card.labels
+        # the served scores' temperature, so a stored vector's score is what /predict said
+        self.temperature = card.calibration.temperature if card.calibration is not None else 1.0
 
     def __call__(self, vectors: np.ndarray) -> tuple[list[str], np.ndarray]:
-        logits = vectors @ self.weight.T + self.bias
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = softmax(vectors @ self.weight.T + self.bias, self.temperature)
         top = probs.argmax(axis=1)
         return [self.labels[t] for t in top], probs[np.arange(len(top)), top]
 
