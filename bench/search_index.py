@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vectors import load  # noqa: E402
+from vectors import load
 
 K = 10
 EXPANSIONS = (16, 24, 32, 48, 64, 96, 128, 256)

@@ -3,7 +3,7 @@ Debian package's 70,000 images) embedded with the CPU engine (ONNX Runtime), the
 augmented variants as asked for (shift, crop-and-rescale, flip, small rotation, brightness),
 each one embedded by the same graph. Computed once and cached as .npy outside the repository.
 
-    nice python bench/vectors.py --n 1000000        # ~/.cache/imgrec-bench/fashion-<sha>-1000000.npy
+    nice python bench/vectors.py --n 1000000   # ~/.cache/imgrec-bench/fashion-<sha>-1000000.npy
 
 ``load(n)`` returns the first n rows (float32, (n, 512)), computing what the cache lacks.
 """

@@ -191,9 +191,8 @@ def test_flat_index_is_migrated_to_hnsw(search_url: str,
 
 @needs_data
 def test_redis_hnsw_recall_against_exact_on_real_vectors(search_url: str) -> None:
-    from app.training.data import _idx_file, find_fashion_mnist, read_idx
-
     from app.serving.engines import OnnxRuntimeEngine
+    from app.training.data import _idx_file, find_fashion_mnist, read_idx
 
     images = read_idx(_idx_file(find_fashion_mnist(), "t10k-images-idx3-ubyte"))[:2040]
     engine = OnnxRuntimeEngine(REPO / "models" / "fashion-mnist" / "model.onnx", threads=1)

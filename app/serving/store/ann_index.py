@@ -140,7 +140,10 @@ class AnnIndex:
             if not part.view:
                 continue
             copy = Index.restore(part.path, view=False)
-            copy.expansion_search = self.params.expansion_search
+            if copy is None:
+                raise snap.SnapshotInvalid(f"{part.path} could not be read again")
+            # usearch's setter is declared after its getter: mypy sees a read-only property
+            copy.expansion_search = self.params.expansion_search  # type: ignore[misc]
             fresh = _Part(copy, part.dim, view=False)
             fresh.dirty, fresh.file = False, part.file
             with self._lock:
@@ -178,7 +181,7 @@ class AnnIndex:
                 raise snap.SnapshotInvalid(f"corrupt snapshot: {info.file} holds "
                                            f"{0 if index is None else len(index)} vectors, "
                                            f"the manifest says {info.count}")
-            index.expansion_search = self.params.expansion_search
+            index.expansion_search = self.params.expansion_search  # type: ignore[misc]
             part = parts[model] = _Part(index, info.dim, view=True, path=str(path))
             part.dirty, part.file = False, info
         with self._lock:

@@ -16,6 +16,7 @@ at a lower CPU priority (nice +10, this thread only), so serving wins the cores 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -106,10 +107,8 @@ class AnnIndexer:
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: this thread only
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (OSError, AttributeError):
-            pass
         db = sqlite3.connect(str(self.db_path), timeout=30)  # reads only
         try:
             if self._loaded:
