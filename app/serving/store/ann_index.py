@@ -100,7 +100,7 @@ class AnnIndex:
             return list(self._parts)
 
     # -- writing (the indexer thread only) ----------------------------------------------------
-    def add(self, model: str, seqs: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, model: str, seqs: np.ndarray, vectors: np.ndarray, threads: int = 1) -> None:
         with self._lock:
             part = self._parts.get(model)
             if part is None:
@@ -110,9 +110,9 @@ class AnnIndex:
         keys = np.asarray(seqs, np.uint64)
         if len(index) + len(keys) > index.capacity:  # it grows: no search beside it
             with part.lock:
-                index.add(keys, vectors, threads=1)
+                index.add(keys, vectors, threads=threads)
         else:
-            index.add(keys, vectors, threads=1)
+            index.add(keys, vectors, threads=threads)
         part.dirty = True
 
     def remove(self, model: str, seqs: list[int] | np.ndarray) -> None:
