@@ -3,7 +3,7 @@ key, keyed by the rows' SQLite ``seq``, proposing candidates that the store re-s
 
 usearch was chosen by measurement on real vectors of the shipped model (BENCHMARKS.md,
 bench/search_index.py): it deletes (evictions leave the graph; faiss's HNSW cannot), saves,
-loads and memory-maps a saved graph in milliseconds, is safe for one writer beside many
+loads a saved graph quickly (memory-maps one in milliseconds), safe for one writer beside many
 readers, and stores int8 components. The parameters below are the measured trade: int8 with
 connectivity 16 takes ~660 bytes per 512-d vector on disk (float32: 2,200) and inserts at
 ~11,000 vectors per CPU-second at 20k (about 3x float16's); its own ranking of int8
@@ -43,11 +43,9 @@ class AnnParams:
 
 
 class _Part:
-    def __init__(self, index: Any, dim: int, view: bool, path: str = "") -> None:
+    def __init__(self, index: Any, dim: int) -> None:
         self.index = index
-        self.path = path  # the file a view maps
         self.dim = dim
-        self.view = view  # memory-mapped, read-only until the indexer loads a copy
         self.lock = threading.Lock()
         self.dirty = True  # changed since the snapshot that holds it
         self.file: snap.Part | None = None
@@ -105,7 +103,7 @@ class AnnIndex:
             part = self._parts.get(model)
             if part is None:
                 part = self._parts[model] = _Part(_new_index(vectors.shape[1], self.params),
-                                                  vectors.shape[1], view=False)
+                                                  vectors.shape[1])
         index = part.index
         keys = np.asarray(seqs, np.uint64)
         if len(index) + len(keys) > index.capacity:  # it grows: no search beside it
@@ -129,26 +127,6 @@ class AnnIndex:
             self._parts = {}
             self.watermark = 0
 
-    def writable(self) -> None:
-        """Replace the memory-mapped parts of a loaded snapshot by copies in memory, so that
-        the indexer can add to them (searches go on meanwhile, on the view)."""
-        from usearch.index import Index
-
-        for model in self.models():
-            with self._lock:
-                part = self._parts[model]
-            if not part.view:
-                continue
-            copy = Index.restore(part.path, view=False)
-            if copy is None:
-                raise snap.SnapshotInvalid(f"{part.path} could not be read again")
-            # usearch's setter is declared after its getter: mypy sees a read-only property
-            copy.expansion_search = self.params.expansion_search  # type: ignore[misc]
-            fresh = _Part(copy, part.dim, view=False)
-            fresh.dirty, fresh.file = False, part.file
-            with self._lock:
-                self._parts[model] = fresh
-
     # -- the snapshot ------------------------------------------------------------------------
     def save(self, folder: Path, generation: int) -> None:
         """The parts changed since the last save to new files, then the manifest."""
@@ -168,21 +146,23 @@ class AnnIndex:
                                                   self.params.snapshot_key(), parts))
 
     def load(self, folder: Path, generation: int) -> None:
-        """The snapshot's parts, memory-mapped (read-only: ``writable`` makes them copies);
-        SnapshotInvalid, changing nothing, when it cannot be used."""
+        """The snapshot's parts, read into memory; SnapshotInvalid, changing nothing, when it
+        cannot be used. usearch holds the GIL while it reads a graph (~0.4 s per 100k vectors
+        here), so this runs while the store opens, before the service is ready, never beside
+        requests (a memory-mapped view would open in milliseconds, but is read-only)."""
         from usearch.index import Index
 
         manifest = snap.read_manifest(folder, generation, self.params.snapshot_key())
         parts: dict[str, _Part] = {}
         for model, info in manifest.parts.items():
             path = folder / info.file
-            index = Index.restore(str(path), view=True)
+            index = Index.restore(str(path), view=False)
             if index is None or index.ndim != info.dim or len(index) != info.count:
                 raise snap.SnapshotInvalid(f"corrupt snapshot: {info.file} holds "
                                            f"{0 if index is None else len(index)} vectors, "
                                            f"the manifest says {info.count}")
             index.expansion_search = self.params.expansion_search  # type: ignore[misc]
-            part = parts[model] = _Part(index, info.dim, view=True, path=str(path))
+            part = parts[model] = _Part(index, info.dim)
             part.dirty, part.file = False, info
         with self._lock:
             self._parts = parts

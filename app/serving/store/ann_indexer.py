@@ -58,8 +58,8 @@ class AnnIndexer:
 
     # -- start and stop ----------------------------------------------------------------------
     def open(self) -> None:
-        """Load the snapshot (checked, memory-mapped: milliseconds), or say why not and start
-        from nothing; either way the rest happens in the background."""
+        """Load the snapshot (checked, then read into memory), or say why not and start from
+        nothing; either way the catching up happens in the background."""
         try:
             self.index.load(self.folder, self.generation)
             self._loaded = True
@@ -112,7 +112,6 @@ class AnnIndexer:
         db = sqlite3.connect(str(self.db_path), timeout=30)  # reads only
         try:
             if self._loaded:
-                self.index.writable()
                 self._reconcile(db)
             while not self._stop.is_set():
                 busy = self._step(db)

@@ -57,7 +57,7 @@ def search(db: sqlite3.Connection, index: AnnIndex | None, model: str, query: np
         if seqs:
             marks = ",".join("?" * len(seqs))
             _score(db.execute(f"SELECT seq, id, vector, filename FROM embeddings WHERE seq IN"
-                              f" ({marks}) AND model = ?", (*seqs, model)), q, dim, best)
+                              f" ({marks}) AND +model = ?", (*seqs, model)), q, dim, best)
     # the rows after the watermark, in seq order (+model: SQLite walks the seq range, not
     # the store key's whole (model, id) index)
     cursor = db.execute("SELECT seq, id, vector, filename FROM embeddings WHERE seq > ?"
