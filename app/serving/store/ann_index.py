@@ -139,8 +139,12 @@ class AnnIndex:
             if part.dirty or part.file is None:
                 path = snap.part_file(folder, watermark, n)
                 part.dirty = False  # before the save: a change during it marks it again
-                part.index.save(str(path))
-                part.file = snap.finish_part(path, part.dim, len(part.index))
+                try:
+                    part.index.save(str(path))
+                    part.file = snap.finish_part(path, part.dim, len(part.index))
+                except BaseException:
+                    part.dirty = True  # saved again next time, never an older file named
+                    raise
             parts[model] = part.file
         snap.write_manifest(folder, snap.Manifest(generation, watermark,
                                                   self.params.snapshot_key(), parts))

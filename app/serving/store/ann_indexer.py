@@ -191,7 +191,7 @@ class AnnIndexer:
         started = time.monotonic()
         try:
             self.index.save(self.folder, self.generation)
-        except OSError as e:  # a full or read-only disk: the store's outage, not ours
+        except (OSError, RuntimeError) as e:  # a full or read-only disk (usearch: RuntimeError)
             log.warning("could not save the search index snapshot: %s", e)
             return
         self._saved_at, self._last_save = state, time.monotonic()
