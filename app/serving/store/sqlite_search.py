@@ -23,15 +23,23 @@ _TAIL_CHUNK = 8192
 
 
 def _score(rows: Iterable[tuple[int, str, bytes, str | None]], q: np.ndarray, dim: int,
-           best: dict[int, tuple[float, str, str | None]]) -> None:
+           best: dict[int, tuple[float, str, str | None]], keep: int) -> None:
+    """Exact cosines of the rows into ``best``; only a chunk's top ``keep`` (and its ties at
+    the boundary) become Python entries."""
     rows = [r for r in rows if len(r[2]) == 4 * dim]
     if not rows:
         return
     m = np.frombuffer(b"".join(r[2] for r in rows), "<f4").reshape(len(rows), dim)
-    norms = np.linalg.norm(m, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", m, m))
     scores = np.divide(m @ q, norms, out=np.zeros(len(rows), np.float32), where=norms > 0)
-    for (seq, image_id, _, name), s in zip(rows, scores.tolist(), strict=True):
-        best[seq] = (s, image_id, name)
+    if len(rows) > keep:
+        floor = np.partition(scores, len(rows) - keep)[len(rows) - keep]
+        chosen = np.flatnonzero(scores >= floor).tolist()
+    else:
+        chosen = list(range(len(rows)))
+    for n in chosen:
+        seq, image_id, _, name = rows[n]
+        best[seq] = (float(scores[n]), image_id, name)
 
 
 def _prune(best: dict[int, tuple[float, str, str | None]], keep: int) -> None:
@@ -57,13 +65,14 @@ def search(db: sqlite3.Connection, index: AnnIndex | None, model: str, query: np
         if seqs:
             marks = ",".join("?" * len(seqs))
             _score(db.execute(f"SELECT seq, id, vector, filename FROM embeddings WHERE seq IN"
-                              f" ({marks}) AND +model = ?", (*seqs, model)), q, dim, best)
+                              f" ({marks}) AND +model = ?", (*seqs, model)),
+                   q, dim, best, len(seqs))
     # the rows after the watermark, in seq order (+model: SQLite walks the seq range, not
     # the store key's whole (model, id) index)
     cursor = db.execute("SELECT seq, id, vector, filename FROM embeddings WHERE seq > ?"
                         " AND +model = ?", (watermark, model))
     while chunk := cursor.fetchmany(_TAIL_CHUNK):
-        _score(chunk, q, dim, best)
+        _score(chunk, q, dim, best, want)
         _prune(best, want)
     ranked = sorted(((s, i, n) for s, i, n in best.values() if i != exclude),
                     key=lambda t: (-t[0], t[1]))[:k]
