@@ -66,8 +66,11 @@ class Settings(BaseSettings):
     # embedding store
     embed_store: str = Field("data/embeddings.sqlite3", description="SQLite file path, "
                              "redis://host:port/db, or 'memory'")
-    embed_store_max_items: int = Field(200_000, ge=1, description="vectors kept; oldest "
+    embed_store_max_items: int = Field(1_000_000, ge=1, description="vectors kept; oldest "
                                        "evicted first")
+    embed_store_ann_index: bool = Field(True, description="keep an approximate (HNSW) index "
+                                        "beside a SQLite store, saved in <file>.ann/; off: "
+                                        "every search scans the table exactly")
     # embedding-store outages and API keys (README: "API keys", "When the store is down")
     embed_store_timeout_s: float = Field(1.0, gt=0, description="longest wait of one store "
                                          "call (Redis network, SQLite lock) before it counts "

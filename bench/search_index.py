@@ -1,150 +1,204 @@
-"""Nearest-neighbour candidates for the embedding store's similarity index, measured in one run.
+"""Approximate nearest-neighbour libraries for the similarity index, on real feature vectors of
+the shipped model (bench/vectors.py), one thread each, measured in one run.
 
-For each size n (vectors of `--dim` float32, unit length, clustered like real embeddings) and each
-library installed: build time, single-query latency p50/p99 (k=10, one query at a time, as GET
-/search asks), and recall@10 against exact search. Libraries that are not installed are skipped
-with a line saying so.
+For each library and setting: inserts/s per core (CPU time beside wall time), query p50 (k=10,
+one query at a time) at the smallest search expansion that reaches recall@10 >= 0.95 against
+exact search (held-out vectors as queries, the candidates as the library ranks them, and after
+exact re-scoring of the top 4k), bytes per vector of the saved index, whether it deletes, and
+the time to load the saved index (read into memory, and memory-mapped where offered).
 
-    python bench/search_index.py --sizes 10000,100000,200000 --queries 200
+    OMP_NUM_THREADS=1 nice python bench/search_index.py --n 20000 --queries 200
 
-Print figures only; the machine may be shared, so compare rows of one run.
+hnswlib and faiss-cpu are not dependencies of imgrec: install them beside it to compare
+(PYTHONPATH=/tmp/ann pip install --target /tmp/ann hnswlib faiss-cpu). Prints figures only.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vectors import load
 
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors around 1,000 centres: neighbours exist, as among a catalogue's photos."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, dim)).astype(np.float32)
-    x = centres[rng.integers(0, 1000, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+K = 10
+EXPANSIONS = (16, 24, 32, 48, 64, 96, 128, 256)
 
 
-def pct(samples: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(samples) * 1000, q))
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def run(name: str, build: Callable[[np.ndarray], Callable[[np.ndarray, int], np.ndarray]],
-        x: np.ndarray, queries: np.ndarray, truth: np.ndarray | None, k: int) -> np.ndarray:
-    t0 = time.perf_counter()
-    search = build(x)
-    built = time.perf_counter() - t0
-    search(queries[0], k)  # warm
-    times, found = [], []
-    for q in queries:
+def exact(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    s = q @ x.T
+    top = np.argpartition(-s, k, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1)
+
+
+def recall(got: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(g[:K]) & set(t)) / K for g, t in zip(got, truth, strict=True)]))
+
+
+def rescored(x: np.ndarray, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """The candidates ranked by the exact cosine, as the index's caller does."""
+    out = []
+    for qi, c in zip(q, cand, strict=True):
+        c = c[c >= 0]
+        out.append(c[np.argsort(-(x[c] @ qi), kind="stable")][:K])
+    return np.array([np.pad(o, (0, K - len(o)), constant_values=-1) for o in out])
+
+
+class Lib:
+    """build(x) -> handle; query(h, q, n, ef) -> ids (n,); save/load(path); delete(h, ids)."""
+
+    def __init__(self, name: str, build: Callable[[np.ndarray], Any],
+                 query: Callable[[Any, np.ndarray, int, int], np.ndarray],
+                 save: Callable[[Any, str], None], loads: dict[str, Callable[[str], Any]],
+                 delete: Callable[[Any, np.ndarray], None] | None) -> None:
+        self.name, self.build, self.query, self.save = name, build, query, save
+        self.loads, self.delete = loads, delete
+
+
+def usearch_lib(dtype: str, m: int, ef_add: int) -> Lib:
+    from usearch.index import Index
+
+    def build(x: np.ndarray) -> Any:
+        index = Index(ndim=x.shape[1], metric="cos", dtype=dtype, connectivity=m,
+                      expansion_add=ef_add)
+        index.add(np.arange(len(x)), x, threads=1)
+        return index
+
+    def query(h: Any, q: np.ndarray, n: int, ef: int) -> np.ndarray:
+        h.expansion_search = ef
+        return np.asarray(h.search(q, n, threads=1).keys, np.int64)
+
+    return Lib(f"usearch {dtype} M{m} efc{ef_add}", build, query, lambda h, p: h.save(p),
+               {"load": lambda p: Index.restore(p), "view": lambda p: Index.restore(p, view=True)},
+               lambda h, ids: h.remove(ids))
+
+
+def hnswlib_lib(m: int, ef_add: int) -> Lib:
+    import hnswlib
+
+    def build(x: np.ndarray) -> Any:
+        index = hnswlib.Index(space="cosine", dim=x.shape[1])
+        index.init_index(max_elements=len(x), ef_construction=ef_add, M=m,
+                         allow_replace_deleted=True)
+        index.set_num_threads(1)
+        index.add_items(x, np.arange(len(x)))
+        return index
+
+    def query(h: Any, q: np.ndarray, n: int, ef: int) -> np.ndarray:
+        h.set_ef(max(ef, n))
+        return np.asarray(h.knn_query(q, n)[0][0], np.int64)
+
+    def loader(p: str) -> Any:
+        index = hnswlib.Index(space="cosine", dim=512)
+        index.load_index(p)
+        return index
+
+    return Lib(f"hnswlib f32 M{m} efc{ef_add}", build, query, lambda h, p: h.save_index(p),
+               {"load": loader}, lambda h, ids: [h.mark_deleted(int(i)) for i in ids])
+
+
+def faiss_lib(m: int, ef_add: int, sq8: bool) -> Lib:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+    def build(x: np.ndarray) -> Any:
+        ip = faiss.METRIC_INNER_PRODUCT
+        index = faiss.IndexHNSWSQ(x.shape[1], faiss.ScalarQuantizer.QT_8bit, m, ip) if sq8 \
+            else faiss.IndexHNSWFlat(x.shape[1], m, ip)
+        index.hnsw.efConstruction = ef_add
+        if sq8:
+            index.train(x)
+        index.add(x)
+        return index
+
+    def query(h: Any, q: np.ndarray, n: int, ef: int) -> np.ndarray:
+        h.hnsw.efSearch = max(ef, n)
+        return np.asarray(h.search(q[None], n)[1][0], np.int64)
+
+    return Lib(f"faiss {'sq8' if sq8 else 'f32'} M{m} efc{ef_add}", build, query,
+               lambda h, p: faiss.write_index(h, p),
+               {"load": faiss.read_index,
+                "mmap": lambda p: faiss.read_index(p, faiss.IO_FLAG_MMAP)}, None)
+
+
+def measure(lib: Lib, x: np.ndarray, q: np.ndarray, truth: np.ndarray, tmp: Path) -> None:
+    wall, cpu = time.perf_counter(), time.process_time()
+    h = lib.build(x)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    path = str(tmp / lib.name.replace(" ", "_"))
+    lib.save(h, path)
+    size = os.path.getsize(path)
+    loads = []
+    for how, fn in lib.loads.items():
         t = time.perf_counter()
-        found.append(search(q, k))
-        times.append(time.perf_counter() - t)
-    got = np.stack(found)
-    recall = 1.0 if truth is None else float(np.mean(
-        [len(set(a) & set(b)) / k for a, b in zip(got, truth, strict=True)]))
-    print(f"  {name:<28} build {built:7.2f} s   p50 {pct(times, 50):7.2f} ms   "
-          f"p99 {pct(times, 99):7.2f} ms   recall@{k} {recall:.3f}", flush=True)
-    return got
-
-
-def numpy_exact(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-    def search(q: np.ndarray, k: int) -> np.ndarray:
-        s = x @ q
-        top = np.argpartition(-s, k)[:k]
-        return top[np.argsort(-s[top])]
-    return search
-
-
-def numpy_f16(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-    h = x.astype(np.float16)
-
-    def search(q: np.ndarray, k: int) -> np.ndarray:
-        s = h @ q.astype(np.float16)
-        top = np.argpartition(-s, k)[:k]
-        return top[np.argsort(-s[top])]
-    return search
+        fn(path)
+        loads.append(f"{how} {1000 * (time.perf_counter() - t):.0f} ms")
+    rows = []
+    for rescore in (False, True):
+        for ef in EXPANSIONS:
+            n = 4 * K if rescore else K
+            times, got = [], []
+            for qi in q:
+                t = time.perf_counter()
+                got.append(lib.query(h, qi, n, ef))
+                times.append(time.perf_counter() - t)
+            cand = np.array(got)
+            r = recall(rescored(x, q, cand) if rescore else cand, truth)
+            if r >= 0.95 or ef == EXPANSIONS[-1]:
+                rows.append(f"{'4k re-scored' if rescore else 'k as ranked'}: ef {ef} recall "
+                            f"{r:.3f} p50 {1000 * np.median(times):.2f} ms")
+                break
+    deletes = "no"
+    if lib.delete is not None:
+        lib.delete(h, np.arange(0, len(x), 10))
+        left = np.concatenate([lib.query(h, qi, K, 64) for qi in q[:20]])
+        deletes = "yes" if not np.any(left[left >= 0] % 10 == 0) else "BROKEN"
+    print(f"{lib.name:<26} insert {len(x) / cpu:6.0f}/s per CPU-s (wall {wall:5.1f} s, CPU "
+          f"{cpu:5.1f} s)  {size / len(x):5.0f} B/vector  deletes {deletes}  "
+          f"{'; '.join(loads)}\n    " + "   ".join(rows), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="10000,100000,200000")
-    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--hnsw-max", type=int, default=10_000,
-                    help="build the graph indexes only up to this size (they take minutes)")
+    ap.add_argument("--only", default="", help="comma list of name prefixes to run")
     args = ap.parse_args()
-    for n in [int(s) for s in args.sizes.split(",")]:
-        x = clustered(n, args.dim, 0)
-        queries = x[np.random.default_rng(1).integers(0, n, args.queries)] + 0.01
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-        print(f"n={n} dim={args.dim} k={args.k} queries={args.queries}")
-        truth = run("numpy exact (float32)", numpy_exact, x, queries, None, args.k)
-        if n <= args.hnsw_max:  # no BLAS for float16: seconds per query at 100k
-            run("numpy exact (float16)", numpy_f16, x, queries, truth, args.k)
-        try:
-            import faiss
-
-            def faiss_flat(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-                index = faiss.IndexIDMap2(faiss.IndexFlatIP(x.shape[1]))
-                index.add_with_ids(x, np.arange(len(x), dtype=np.int64))
-                return lambda q, k: index.search(q[None], k)[1][0]
-
-            def faiss_hnsw(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-                index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-                index.hnsw.efConstruction = 64
-                index.add(x)
-                index.hnsw.efSearch = 64
-                return lambda q, k: index.search(q[None], k)[1][0]
-
-            def faiss_knn(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-                # faiss's exhaustive kernel on a matrix we own (no faiss index to keep in step)
-                ip = faiss.METRIC_INNER_PRODUCT
-                return lambda q, k: faiss.knn(q[None], x, k, metric=ip)[1][0]
-
-            faiss.omp_set_num_threads(1)
-            run("faiss IndexFlatIP (exact)", faiss_flat, x, queries, truth, args.k)
-            run("faiss.knn on a matrix (exact)", faiss_knn, x, queries, truth, args.k)
-            if n <= args.hnsw_max:
-                run("faiss HNSW32 ef64", faiss_hnsw, x, queries, truth, args.k)
-        except ImportError:
-            print("  faiss-cpu not installed")
-        try:
-            from usearch.index import Index
-
-            def usearch_exact(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-                from usearch.index import search as brute
-
-                return lambda q, k: brute(x, q, k, metric="ip", exact=True).keys
-
-            def usearch_hnsw(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-                index = Index(ndim=x.shape[1], metric="ip", dtype="f32")
-                index.add(np.arange(len(x)), x)
-                return lambda q, k: index.search(q, k).keys
-
-            run("usearch exact", usearch_exact, x, queries, truth, args.k)
-            if n <= args.hnsw_max:
-                run("usearch HNSW (defaults)", usearch_hnsw, x, queries, truth, args.k)
-        except ImportError:
-            print("  usearch not installed")
-        try:
-            import hnswlib
-
-            def hnsw(x: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
-                index = hnswlib.Index(space="ip", dim=x.shape[1])
-                index.init_index(max_elements=len(x), ef_construction=64, M=16)
-                index.add_items(x, np.arange(len(x)))
-                index.set_ef(64)
-                return lambda q, k: index.knn_query(q, k)[0][0]
-
-            if n <= args.hnsw_max:
-                run("hnswlib M16 ef64", hnsw, x, queries, truth, args.k)
-        except ImportError:
-            print("  hnswlib not installed")
+    allx = unit(load(args.n + args.queries))
+    x, q = np.ascontiguousarray(allx[:args.n]), np.ascontiguousarray(allx[args.n:])
+    truth = exact(x, q, K)
+    print(f"n={args.n} real 512-d vectors of the shipped model, {args.queries} held-out queries,"
+          f" k={K}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}", flush=True)
+    libs: list[Callable[[], Lib]] = [
+        lambda: usearch_lib("f32", 16, 128), lambda: usearch_lib("f16", 16, 128),
+        lambda: usearch_lib("f16", 16, 64), lambda: usearch_lib("i8", 16, 64),
+        lambda: usearch_lib("i8", 8, 64),
+        lambda: hnswlib_lib(16, 64), lambda: faiss_lib(16, 64, False),
+        lambda: faiss_lib(16, 64, True)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for make in libs:
+            try:
+                lib = make()
+            except ImportError as e:
+                print(f"  skipped: {e}")
+                continue
+            if args.only and not any(lib.name.startswith(p) for p in args.only.split(",")):
+                continue
+            measure(lib, x, q, truth, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ def run_index(root: Path, settings: Settings, shard: tuple[int, int] = (0, 1),
 
     files = [p for p in list_images(root) if in_shard(p.relative_to(root).as_posix(), shard)]
     predictor = Predictor.from_settings(settings)
-    store = open_store(settings.embed_store, settings.embed_store_max_items)
+    # writes only: the servers on this store index what it writes (ann_indexer.py)
+    store = open_store(settings.embed_store, settings.embed_store_max_items, ann=False)
     batches = Batches(root, predictor, store, store_key(predictor.model_key, namespace),
                       settings)
     rows = Rows()

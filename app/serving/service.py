@@ -140,7 +140,8 @@ class Service:
         self._decode_pool = ThreadPoolExecutor(max_workers=s.decode_threads,
                                                thread_name_prefix="decode")
         self.store = GuardedStore(
-            partial(open_store, s.embed_store, s.embed_store_max_items, s.embed_store_timeout_s),
+            partial(open_store, s.embed_store, s.embed_store_max_items, s.embed_store_timeout_s,
+                    s.embed_store_ann_index),
             self.metrics, backoff_min_s=s.embed_store_backoff_min_s,
             backoff_max_s=s.embed_store_backoff_max_s)
         await asyncio.to_thread(self.store.start)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from helpers.daemons import (
     LOOPBACK,
@@ -82,3 +83,33 @@ def test_stored_through_one_replica_found_through_the_other(
                                                    params={"id": catalogue[0], "k": 4})
                           .json()["results"][0]["neighbors"]) for _ in range(4)}
         assert len(rankings) == 1 and len(next(iter(rankings))) == 4
+
+
+def test_hnsw_search_through_nginx_matches_exact(replicas: tuple[list[str], str]) -> None:
+    """RediSearch's HNSW index behind both replicas: neighbours through nginx against exact
+    cosine over the stored vectors (recall@10 and the scores)."""
+    (a, _), front = replicas
+    with httpx.Client(timeout=10) as c:
+        ids: list[str] = []
+        for lo in (0, 20):
+            r = c.post(f"{a}/embed", files=[("file", (f"hnsw/{n}.png", png_bytes(300 + n)))
+                                             for n in range(lo, lo + 20)])
+            assert r.status_code == 200, r.text
+            ids += [x["id"] for x in r.json()["results"]]
+        hits = 0
+        for image_id in ids[:8]:
+            stored = c.get(f"{front}/search", params={"id": image_id, "k": 100}).json()
+            universe = [image_id] + [n["id"] for n in stored["results"][0]["neighbors"]]
+            vectors = c.get(f"{front}/embed", params=[("id", i) for i in universe]).json()
+            x = np.array([v["embedding"] for v in vectors["results"]], dtype=np.float64)
+            s = x[1:] @ x[0] / (np.linalg.norm(x[1:], axis=1) * np.linalg.norm(x[0]))
+            want = sorted(zip(universe[1:], s.tolist(), strict=True),
+                          key=lambda t: (-t[1], t[0]))[:10]
+            got = c.get(f"{front}/search", params={"id": image_id, "k": 10}).json()
+            neighbors = got["results"][0]["neighbors"]
+            hits += len({n["id"] for n in neighbors} & {i for i, _ in want})
+            scores = dict(want)
+            for n in neighbors:
+                if n["id"] in scores:
+                    assert n["score"] == pytest.approx(scores[n["id"]], abs=1e-4)
+        assert hits / 80 >= 0.95

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import redis
 from helpers.apps import running
-from helpers.daemons import Daemon, start_redis
+from helpers.daemons import REPO, Daemon, start_redis
+from helpers.data import needs_data
 from helpers.images import png_bytes
 from helpers.settings import make_settings
 
@@ -154,3 +155,61 @@ def test_redis_search_index_lost_is_made_again(search_url: str,
     finally:
         store.close()
         r.close()
+
+
+def test_flat_index_is_migrated_to_hnsw(search_url: str,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A store key indexed FLAT by the previous version: its index is replaced by an HNSW one
+    over the same hashes when the store is next written, and nothing stored is lost."""
+    r = redis.Redis.from_url(search_url)
+    prefix = "{t-mig}:e:" + f"{len(MODEL)}:{MODEL}:"
+    x = vecs(5, seed=3)
+    for n, v in enumerate(x):
+        r.hset(prefix + f"id{n}", "v", v.astype("<f4").tobytes())
+        r.zadd("{t-mig}:order", {f"{len(MODEL)}:{MODEL}:id{n}": n + 1})
+    r.set("{t-mig}:seq", 5)
+    flat = "{t-mig}:idx:8:" + f"{len(MODEL)}:{MODEL}:"
+    r.execute_command("FT.CREATE", flat, "ON", "HASH", "PREFIX", 1, prefix, "SCHEMA", "v",
+                      "VECTOR", "FLAT", 6, "TYPE", "FLOAT32", "DIM", 8,
+                      "DISTANCE_METRIC", "COSINE")
+    store = RedisStore(search_url, max_items=10, prefix="t-mig")
+    try:
+        caplog.set_level("INFO", "imgrec.search")
+        store.put_many(MODEL, [("id5", vecs(1, seed=4)[0])])
+        assert "dropped the FLAT search index" in caplog.text
+        indexes = {i.decode() if isinstance(i, bytes) else i
+                   for i in r.execute_command("FT._LIST")}
+        assert flat not in indexes
+        (hnsw,) = [i for i in indexes if i.startswith("{t-mig}:idx:hnsw:8:")]
+        assert b"HNSW" in repr(r.execute_command("FT.INFO", hnsw)).encode()
+        hits = store.search(MODEL, x[0], 10, exclude="id0")
+        assert sorted(h.id for h in hits) == ["id1", "id2", "id3", "id4", "id5"]
+    finally:
+        store.close()
+        r.close()
+
+
+@needs_data
+def test_redis_hnsw_recall_against_exact_on_real_vectors(search_url: str) -> None:
+    from app.serving.engines import OnnxRuntimeEngine
+    from app.training.data import _idx_file, find_fashion_mnist, read_idx
+
+    images = read_idx(_idx_file(find_fashion_mnist(), "t10k-images-idx3-ubyte"))[:2040]
+    engine = OnnxRuntimeEngine(REPO / "models" / "fashion-mnist" / "model.onnx", threads=1)
+    x = np.concatenate([engine(images[lo:lo + 255, None])[1] for lo in range(0, 2040, 255)])
+    store = RedisStore(search_url, max_items=10_000, prefix="t-recall")
+    try:
+        ids = [f"{i:064x}" for i in range(2000)]
+        for lo in range(0, 2000, 500):
+            store.put_many(MODEL, list(zip(ids[lo:lo + 500], x[lo:lo + 500], strict=True)))
+        hits = 0
+        for q in x[2000:]:
+            got = store.search(MODEL, q, 10)
+            want = cosine_ranking(x[:2000], q, ids, None)[:10]
+            np.testing.assert_allclose(
+                [h.score for h in got if h.id in dict(want)],
+                [dict(want)[h.id] for h in got if h.id in dict(want)], atol=1e-5)
+            hits += len({h.id for h in got} & {i for i, _ in want})
+        assert hits / (10 * 40) >= 0.95
+    finally:
+        store.close()

@@ -236,7 +236,7 @@ class StoreWriter:
     def __init__(self, url: str, max_items: int) -> None:
         from app.serving.store import open_store
 
-        self.store = open_store(url, max_items)
+        self.store = open_store(url, max_items, ann=False)  # writes: servers index them
         self._write = threading.Lock()
 
     def known(self, key: str, ids: list[str], with_vectors: bool) -> dict[str, bytes]:

@@ -5,10 +5,17 @@ written (synchronously, within the write), so a vector stored through one replic
 through any other as soon as its write returns. One index per store key, over the store's
 per-image hashes ``{imgrec}:e:<member>`` (field ``v``: float32 bytes, ``f``: filename):
 
-    FT.CREATE {imgrec}:idx:<member prefix> ON HASH PREFIX 1 {imgrec}:e:<member prefix>
-        SCHEMA v VECTOR FLAT 6 TYPE FLOAT32 DIM <d> DISTANCE_METRIC COSINE
+    FT.CREATE {imgrec}:idx:hnsw:<d>:<member prefix> ON HASH PREFIX 1 {imgrec}:e:<member prefix>
+        SCHEMA v VECTOR HNSW 12 TYPE FLOAT32 DIM <d> DISTANCE_METRIC COSINE
+               M 16 EF_CONSTRUCTION 128 EF_RUNTIME 64
 
-FLAT is exact (brute force inside Redis); BENCHMARKS.md has its latency at the store's bound.
+HNSW, not FLAT: a FLAT index scans every vector per query (linear in the store's size). The
+graph only proposes: RediSearch computes each returned distance on the stored float32 vector,
+so the scores are exact cosines and the order is ours (ties by id); a search asks the graph
+for at least 4k candidates (EF_RUNTIME). FLOAT32, because the indexed field is the stored
+vector itself (what GET /embed returns); FLOAT16 would need a second copy of each. An index of
+the earlier FLAT layout ({imgrec}:idx:<d>:<prefix>) is dropped, never its vectors, when a
+store key's HNSW index is made (the store opening, or its first write or search).
 A Redis server without the module (Debian's redis-server, ElastiCache without search) still
 stores vectors; /search then answers 501 and the service logs why once at start.
 """
@@ -28,6 +35,11 @@ log = logging.getLogger("imgrec.search")
 
 NO_MODULE = ("the Redis server has no search module (RediSearch): /search is unavailable; "
              "run Redis Stack (the redis/redis-stack-server image) to search a shared store")
+# the graph's parameters (connectivity, expansion at insert and at search), as the SQLite
+# index's graph uses (ann_index.py) but float32 and a wider insert expansion: RediSearch's
+# defaults are 16, 200 and 10, and 10 is below the 4k candidates a search wants; the recall
+# measured with these is in BENCHMARKS.md (bench/search.py --redis)
+HNSW_M, HNSW_EF_ADD, HNSW_EF_SEARCH = 16, 128, 64
 # how long the first search of an index waits for RediSearch's scan of vectors already stored
 INDEXING_WAIT_S = 30.0
 
@@ -49,21 +61,33 @@ class RedisSearch:
 
     def ensure_index(self, member_prefix: bytes, dim: int) -> str:
         """The store key's index, created on first use (idempotent across replicas)."""
-        name = f"{self._tag}:idx:{dim}:" + member_prefix.decode()
+        name = f"{self._tag}:idx:hnsw:{dim}:" + member_prefix.decode()
         if name in self._indexes or not self.available:
             return name
         try:
             self._redis.execute_command(
                 "FT.CREATE", name, "ON", "HASH", "PREFIX", 1, self.doc_prefix(member_prefix),
-                "SCHEMA", "v", "VECTOR", "FLAT", 6, "TYPE", "FLOAT32", "DIM", dim,
-                "DISTANCE_METRIC", "COSINE")
-            log.info("created the search index %s", name)
+                "SCHEMA", "v", "VECTOR", "HNSW", 12, "TYPE", "FLOAT32", "DIM", dim,
+                "DISTANCE_METRIC", "COSINE", "M", HNSW_M, "EF_CONSTRUCTION", HNSW_EF_ADD,
+                "EF_RUNTIME", HNSW_EF_SEARCH)
+            log.info("created the search index %s (HNSW)", name)
         except redis.ResponseError as e:
             if "already exists" not in str(e).lower():
                 raise
+        self._drop_flat(member_prefix, dim)
         self._wait_until_indexed(name)
         self._indexes.add(name)
         return name
+
+    def _drop_flat(self, member_prefix: bytes, dim: int) -> None:
+        """The earlier FLAT index of this store key, if any: dropped (its hashes stay)."""
+        flat = f"{self._tag}:idx:{dim}:" + member_prefix.decode()
+        try:
+            self._redis.execute_command("FT.DROPINDEX", flat)
+            log.info("dropped the FLAT search index %s: searches use the HNSW one", flat)
+        except redis.ResponseError as e:
+            if not _no_such_index(e):
+                raise
 
     def _wait_until_indexed(self, name: str) -> None:
         """An index made over hashes that already exist (a restart, an upgrade's moved vectors,
@@ -81,9 +105,11 @@ class RedisSearch:
             delay = min(delay * 2, 0.2)
 
     def _knn(self, index: str, q: np.ndarray, n: int) -> Any:
+        ef = max(HNSW_EF_SEARCH, 4 * n)
         return self._redis.execute_command(
-            "FT.SEARCH", index, f"*=>[KNN {n} @v $q AS d]", "PARAMS", 2, "q", q.tobytes(),
-            "SORTBY", "d", "ASC", "RETURN", 2, "d", "f", "LIMIT", 0, n, "DIALECT", 2)
+            "FT.SEARCH", index, f"*=>[KNN {n} @v $q EF_RUNTIME {ef} AS d]", "PARAMS", 2, "q",
+            q.tobytes(), "SORTBY", "d", "ASC", "RETURN", 2, "d", "f", "LIMIT", 0, n,
+            "DIALECT", 2)
 
     def search(self, member_prefix: bytes, query: np.ndarray, k: int,
                exclude: str | None) -> list[Neighbor]:

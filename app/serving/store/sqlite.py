@@ -1,16 +1,20 @@
-"""The embedded default store: a bounded table in one SQLite file (WAL), with its similarity
-index rebuilt from the table when it opens.
+"""The embedded default store: a bounded table in one SQLite file (WAL), with an approximate
+similarity index beside it that persists and is updated off the request path.
 
 Each put_many is one IMMEDIATE transaction: its rows in (REPLACE: a re-put is the youngest
 again), then the oldest rows beyond max_items out, the row count kept in the file beside them.
-The index is checked before the transaction and updated only after it commits (vector_index.py),
-so a failed write leaves both as they were. SQLite's own failures (locked past the busy timeout,
+The write never waits for the index: after the commit it wakes the background indexer
+(ann_indexer.py) and hands it the seqs it deleted; searches re-score the index's candidates
+and the rows it has not reached yet exactly (sqlite_search.py). The index's snapshot lives in
+``<file>.ann/`` and is loaded, not rebuilt, when the store opens. With ``ann=False`` every
+search is an exact scan of the table. SQLite's own failures (locked past the busy timeout,
 disk full, read-only, cannot open) are raised as StoreFailure; SQL that SQLite refuses is a bug.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -20,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from app.serving.store import sqlite_search
+from app.serving.store.ann_index import AnnIndex, AnnParams
+from app.serving.store.ann_indexer import AnnIndexer
 from app.serving.store.base import from_blob, store_failures, to_blob, unique_items
-from app.serving.store.vector_index import Neighbor, VectorIndex
+from app.serving.store.vector_index import Neighbor
 
 log = logging.getLogger("imgrec.store")
 _CHUNK = 500  # ids per IN (...) list: far below SQLite's limit on bound parameters
@@ -52,25 +59,36 @@ class SQLiteStore:
     """A bounded table in one SQLite file (WAL): survives restarts, oldest entries evicted.
     Its own failures (locked, full, read-only, cannot open) are raised as StoreFailure."""
 
-    def __init__(self, path: str | Path, max_items: int, timeout_s: float = 5.0) -> None:
+    def __init__(self, path: str | Path, max_items: int, timeout_s: float = 5.0,
+                 ann: bool = True, ann_params: AnnParams | None = None) -> None:
         self.path = Path(path)
         self.max_items = max_items
+        self._timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._index = VectorIndex()
+        self._dims: dict[str, int] = {}  # each store key's vector length, as first stored
+        self._readers = threading.local()  # one read connection per searching thread
+        self._reader_list: list[sqlite3.Connection] = []
+        self.index: AnnIndex | None = None
+        self.indexer: AnnIndexer | None = None
         with store_failures(_is_failure):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # timeout_s: how long a write waits for another process's lock before it fails
             self._db = sqlite3.connect(str(self.path), check_same_thread=False,
                                        isolation_level=None, timeout=timeout_s)
             try:
-                self._prepare_file()
-                # The similarity index is rebuilt from the table: it can never disagree with it.
-                self._load_index()
+                generation = self._prepare_file()
             except BaseException:
                 self._db.close()
                 raise
+        if ann:
+            self.index = AnnIndex(ann_params)
+            self.indexer = AnnIndexer(self.path, self.index, generation)
+            self.indexer.open()
+            self.indexer.start()
 
-    def _prepare_file(self) -> None:
+    def _prepare_file(self) -> int:
+        """Tables in place; returns the file's generation (a random number of its own, so
+        that an index snapshot is never applied to another file)."""
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
@@ -92,6 +110,10 @@ class SQLiteStore:
         with self._transaction():
             self._db.execute("INSERT OR REPLACE INTO meta (name, value)"
                              " VALUES ('rows', (SELECT COUNT(*) FROM embeddings))")
+            self._db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', ?)",
+                             (secrets.randbits(62),))
+        return int(self._db.execute("SELECT value FROM meta WHERE name = 'generation'")
+                   .fetchone()[0])
 
     @contextmanager
     def _connection(self) -> Iterator[None]:
@@ -100,29 +122,15 @@ class SQLiteStore:
         with self._lock, store_failures(_is_failure):
             yield
 
-    def _load_index(self, chunk: int = 20_000) -> None:
-        last, skipped = -1, 0
-        while True:
-            rows = self._db.execute(
-                "SELECT seq, model, id, vector, filename FROM embeddings WHERE seq > ?"
-                " ORDER BY seq LIMIT ?", (last, chunk)).fetchall()
-            if not rows:
-                break
-            by_model: dict[str, list[tuple[str, bytes, str | None]]] = {}
-            for _, model, image_id, blob, name in rows:
-                by_model.setdefault(model, []).append((image_id, blob, name))
-            for model, entries in by_model.items():
-                # one length per store key (the first one read), as put_many allows
-                dim = self._index.dim(model) or len(entries[0][1]) // 4
-                same = [e for e in entries if len(e[1]) == 4 * dim and dim]
-                skipped += len(entries) - len(same)
-                vectors = np.frombuffer(b"".join(e[1] for e in same), dtype="<f4")
-                self._index.add(model, [e[0] for e in same], vectors.reshape(len(same), dim),
-                                [e[2] for e in same])
-            last = rows[-1][0]
-        if skipped:  # only a file written by something else than this class holds such rows
-            log.warning("%s: %d vectors of another length than their store key's are not "
-                        "searchable", self.path, skipped)
+    def _check_dim(self, model: str, dim: int) -> None:
+        """One vector length per store key (the first one stored), as the stores agree."""
+        known = self._dims.get(model)
+        if known is None:
+            row = self._db.execute("SELECT length(vector) FROM embeddings WHERE model = ?"
+                                   " LIMIT 1", (model,)).fetchone()
+            known = self._dims[model] = row[0] // 4 if row else dim
+        if known != dim:
+            raise ValueError(f"{dim}-d vectors for a store key that holds {known}-d ones")
 
     def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]],
                  filenames: Sequence[str | None] | None = None) -> None:
@@ -133,23 +141,24 @@ class SQLiteStore:
                 for image_id, vec, name in zip(batch.ids, batch.vectors, batch.names,
                                                strict=True)]
         with self._connection():
-            # checked before the transaction: a refusal leaves the table and the index as they
-            # were, and the index, updated only once the transaction has committed, cannot fail
-            addition = self._index.prepare(model, batch.ids, batch.vectors, batch.names)
+            self._check_dim(model, len(batch.vectors[0]))  # a refusal changes nothing
             with self._transaction():
-                evicted = self._write(model, batch.ids, rows)
-            self._index.apply(addition, evicted)
+                deleted = self._write(model, batch.ids, rows)
+        if self.indexer is not None:  # after the commit; the index catches up on its own
+            self.indexer.forget(deleted)
+            self.indexer.notify()
 
     def _write(self, model: str, ids: list[str], rows: Sequence[tuple[object, ...]]
-               ) -> list[tuple[str, str]]:
+               ) -> list[tuple[str, int]]:
         """Inside the write transaction: the rows in, then the oldest rows out beyond the
-        bound; returns the evicted (model, id) pairs."""
-        known = 0
+        bound; returns the (model, seq) of every row deleted (replaced or evicted)."""
+        replaced: list[tuple[str, int]] = []
         for n in range(0, len(ids), _CHUNK):
             part = ids[n:n + _CHUNK]
-            known += self._db.execute(
-                "SELECT COUNT(*) FROM embeddings WHERE model = ? AND id IN"
-                f" ({','.join('?' * len(part))})", (model, *part)).fetchone()[0]
+            replaced += [(model, r[0]) for r in self._db.execute(
+                "SELECT seq FROM embeddings WHERE model = ? AND id IN"
+                f" ({','.join('?' * len(part))})", (model, *part))]
+        known = len(replaced)
         # REPLACE deletes the old row and inserts a new one: a re-seen image is fresh again;
         # without a new filename it keeps the old one (VALUES run first)
         self._db.executemany(
@@ -161,14 +170,14 @@ class SQLiteStore:
         # scan of the whole (model, id) index, so the count is kept in the file itself (meta),
         # written by the same transaction as the rows.
         held = self._held() + len(ids) - known
-        evicted: list[tuple[str, str]] = []
+        evicted: list[tuple[str, int]] = []
         if held > self.max_items:
             evicted = self._db.execute(
                 "DELETE FROM embeddings WHERE seq IN (SELECT seq FROM embeddings ORDER BY seq"
-                " LIMIT ?) RETURNING model, id", (held - self.max_items,)).fetchall()
+                " LIMIT ?) RETURNING model, seq", (held - self.max_items,)).fetchall()
         self._db.execute("UPDATE meta SET value = ? WHERE name = 'rows'",
                          (held - len(evicted),))
-        return evicted
+        return replaced + evicted
 
     def _held(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE name = 'rows'").fetchone()[0])
@@ -207,7 +216,29 @@ class SQLiteStore:
 
     def search(self, model: str, query: np.ndarray, k: int,
                exclude: str | None = None) -> list[Neighbor]:
-        return self._index.search(model, query, k, exclude)
+        with store_failures(_is_failure):
+            return sqlite_search.search(self._reader(), self.index, model, query, k, exclude)
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection: in WAL mode a search never waits for a write, nor a
+        write for a search's scan."""
+        db: sqlite3.Connection | None = getattr(self._readers, "db", None)
+        if db is None:
+            db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                 isolation_level=None, timeout=self._timeout_s)
+            self._readers.db = db
+            with self._lock:
+                self._reader_list.append(db)
+        return db
+
+    def wait_indexed(self, timeout_s: float) -> bool:
+        """Block until the index holds every row stored so far, at most timeout_s; False
+        without an index or when the time ran out."""
+        if self.indexer is None:
+            return False
+        with self._connection():
+            top = self._db.execute("SELECT MAX(seq) FROM embeddings").fetchone()[0] or 0
+        return self.indexer.wait_indexed(top, timeout_s)
 
     def filenames(self, model: str, ids: Sequence[str]) -> dict[str, str | None]:
         if not ids:
@@ -220,5 +251,10 @@ class SQLiteStore:
         return dict(rows)
 
     def close(self) -> None:
+        if self.indexer is not None:
+            self.indexer.close()
         with self._lock:
             self._db.close()
+            for db in self._reader_list:
+                db.close()
+            self._reader_list.clear()
