@@ -31,11 +31,16 @@ sys.path.insert(0, str(ROOT))
 from bench.serve import MALLOC, Run, free_port, make_bodies, wait_ready, wrk  # noqa: E402
 
 
-def serve(tree: Path, model_dir: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+def serve(tree: Path, model_dir: Path, tmp: Path, extra: dict[str, str] | None = None
+          ) -> tuple[subprocess.Popen[bytes], int]:
+    """`imgrec serve` from ``tree`` on a free port, ready; no OTEL_* of this shell's (tracing
+    stays off unless ``extra`` turns it on)."""
     port = free_port()
-    env = {**os.environ, **MALLOC, "PYTHONPATH": str(tree), "IMGREC_MODEL_DIR": str(model_dir),
-           "IMGREC_PORT": str(port), "IMGREC_DEVICE": "cpu", "IMGREC_LOG_LEVEL": "warning",
-           "IMGREC_GRPC_PORT": "0", "IMGREC_EMBED_STORE": str(tmp / f"emb-{port}.sqlite3")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({**MALLOC, "PYTHONPATH": str(tree), "IMGREC_MODEL_DIR": str(model_dir),
+                "IMGREC_PORT": str(port), "IMGREC_DEVICE": "cpu",
+                "IMGREC_LOG_LEVEL": "warning", "IMGREC_GRPC_PORT": "0",
+                "IMGREC_EMBED_STORE": str(tmp / f"emb-{port}.sqlite3"), **(extra or {})})
     cmd = [sys.executable, "-c", "from app.cli import main; raise SystemExit(main())", "serve"]
     proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

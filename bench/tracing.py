@@ -21,7 +21,6 @@ receiver got per request served. Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -31,30 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serve import MALLOC, Run, free_port, make_bodies, wait_ready, wrk  # noqa: E402
-
-
-def serve(tree: Path, model_dir: Path, tmp: Path, extra: dict[str, str]
-          ) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update({**MALLOC, "PYTHONPATH": str(tree), "IMGREC_MODEL_DIR": str(model_dir),
-                "IMGREC_PORT": str(port), "IMGREC_DEVICE": "cpu",
-                "IMGREC_LOG_LEVEL": "warning", "IMGREC_GRPC_PORT": "0",
-                "IMGREC_EMBED_STORE": str(tmp / f"emb-{port}.sqlite3"), **extra})
-    cmd = [sys.executable, "-c", "from app.cli import main; raise SystemExit(main())", "serve"]
-    proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    wait_ready(port, proc)
-    return proc, port
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+from bench.ab_trees import serve, stop  # noqa: E402
+from bench.serve import Run, free_port, make_bodies, wrk  # noqa: E402
 
 
 def start_receiver(port: int) -> subprocess.Popen[str]:
