@@ -65,7 +65,7 @@ def test_export_writes_the_graph_the_card_records_and_it_equals_pytorch(exported
     path = exported / spec.file
     assert spec.file == GRAPH_FILES["float32"] and spec.sha256 == sha256_file(path)
     assert spec.weights_sha256 == loaded.card.weights_sha256
-    assert spec.inputs == ["images"] and spec.outputs == ["logits", "embedding"]
+    assert spec.inputs == ["images"] and spec.outputs == ["logits", "embedding", "cam"]
     assert "model.onnx" in (exported / "MODEL_CARD.md").read_text()
     proto = onnx.load(str(path))
     ops = Counter(n.op_type for n in proto.graph.node)
@@ -79,7 +79,7 @@ def test_export_writes_the_graph_the_card_records_and_it_equals_pytorch(exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 7):  # dynamic batch
         pixels = _pixels(n, seed=n)
-        logits, embedding = session.run(["logits", "embedding"], {"images": pixels})
+        logits, embedding, cam = session.run(["logits", "embedding", "cam"], {"images": pixels})
         with torch.inference_mode():
             x = normalize_batch(torch.from_numpy(pixels), loaded.card.input)
             ref_features = loaded.model.features(x)
@@ -87,6 +87,9 @@ def test_export_writes_the_graph_the_card_records_and_it_equals_pytorch(exported
         assert logits.shape == (n, 10) and embedding.shape == (n, loaded.card.embedding_dim)
         np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(embedding, ref_features.numpy(), rtol=1e-4, atol=1e-4)
+        # the class maps: the logits at every cell of the last feature map, averaging to them
+        assert cam.shape[:2] == (n, 10) and cam.ndim == 4
+        np.testing.assert_allclose(cam.mean(axis=(2, 3)), logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
