@@ -7,7 +7,8 @@ concurrency over the same distinct PNG uploads (bench/serve.py's bodies and wrk 
 Prints the median of the rounds per tree and concurrency, and the ratio of each to the first.
 Asserts nothing. Each tree serves its own models/fashion-mnist unless --model-dir names one
 (a tree's code and its shipped model directory go together); ``--query NAME=explain=true``
-adds a query string to that tree's /predict (the same tree may be given twice, named apart).
+adds a query string to that tree's /predict and ``--env NAME=VAR=VALUE`` a variable to its
+server's environment (the same tree may be given twice, named apart).
 
     git worktree add /tmp/previous <commit>
     python bench/ab_trees.py --tree previous=/tmp/previous --tree new=. --rounds 3
@@ -64,6 +65,8 @@ def main() -> int:
                    "models/fashion-mnist")
     p.add_argument("--query", action="append", default=[], metavar="NAME=QUERY",
                    help="query string of that tree's /predict")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VAR=VALUE",
+                   help="an environment variable of that tree's server")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
     p.add_argument("--concurrency", default="1,64")
@@ -72,6 +75,10 @@ def main() -> int:
              (t.split("=", 1) for t in args.tree)]
     levels = [int(c) for c in args.concurrency.split(",")]
     queries = dict(q.split("=", 1) for q in args.query)
+    envs: dict[str, dict[str, str]] = {}
+    for item in args.env:
+        name, var, value = item.split("=", 2)
+        envs.setdefault(name, {})[var] = value
     runs: dict[tuple[str, int], list[Run]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -82,7 +89,7 @@ def main() -> int:
             for name, tree in trees:
                 model = Path(args.model_dir) if args.model_dir else tree / "models/fashion-mnist"
                 path = "/predict" + (f"?{queries[name]}" if name in queries else "")
-                proc, port = serve(tree, model, tmp)
+                proc, port = serve(tree, model, tmp, envs.get(name))
                 try:
                     wrk(port, 16, 2, bodies, count, proc.pid, name, path)  # warm
                     for c in levels:
