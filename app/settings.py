@@ -51,6 +51,10 @@ class Settings(BaseSettings):
                                       "still queued then is answered 504 and never run")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503")
     decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing uploads")
+    decode_inline_pixels: int = Field(16_384, ge=0, description="an upload that decodes to "
+                                      "fewer pixels than this (128x128) is decoded on the event "
+                                      "loop, saving two thread hops; larger ones go to the "
+                                      "decode threads; 0: all do")
     # request limits
     max_files: int = Field(32, ge=1, description="file parts per request")
     # 32 MiB: a 48-50 MP phone JPEG is 10-25 MB (a 12 MP one 3-6 MB, HEIC about half)

@@ -52,7 +52,7 @@ from app.serving.store.guard import GuardedStore, StoreUnavailable
 from app.serving.store.vector_index import Neighbor, SearchUnavailable
 from app.serving.store_key import store_key
 from app.serving.tracing import OFF, BatchTrace, Tracing
-from app.serving.upload_checks import prepare
+from app.serving.upload_checks import NotSmall, prepare
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -100,13 +100,20 @@ class Job:
     traced: SpanContext | None = None  # its request's server span, when that is recorded
 
 
-def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int,
-                 max_header_pixels: int) -> tuple[str, bytes, float, int]:
-    """(id, pixels, seconds, start in epoch ns: for the trace's decode span)."""
+# At most this many images of one request are decoded on the event loop (each under
+# ``decode_inline_pixels``, ~0.1 ms): a request of many small files does not hold the loop.
+INLINE_PER_REQUEST = 4
+Prepared = tuple[str, bytes, float, int]
+
+
+def _prepare_job(data: bytes, spec: InputSpec, max_pixels: int, max_header_pixels: int,
+                 only_below: int | None = None) -> Prepared:
+    """(id, pixels, seconds, start in epoch ns: for the trace's decode span); NotSmall for an
+    image of ``only_below`` pixels or more (upload_checks.prepare)."""
     started_ns = time.time_ns()
     t0 = time.perf_counter()
+    pixels = prepare(data, spec, max_pixels, max_header_pixels, only_below)
     image_id = hashlib.sha256(data).hexdigest()
-    pixels = prepare(data, spec, max_pixels, max_header_pixels)
     return image_id, pixels, time.perf_counter() - t0, started_ns
 
 
@@ -252,13 +259,19 @@ class Service:
     async def _decode_all(self, uploads: list[bytes], spec: InputSpec) -> list[tuple[str, bytes]]:
         """(id, pixels) per upload, decoded on the pool to ``spec``; the first bad one refuses
         the request (naming which file it was)."""
-        assert self._decode_pool is not None
-        loop = asyncio.get_running_loop()
-        s = self.settings
-        jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, data, spec,
-                                     s.max_image_pixels, s.max_image_header_pixels)
-                for data in uploads]
-        done = await asyncio.gather(*jobs, return_exceptions=True)
+        done: list[Prepared | BaseException | None] = [
+            self._decode_small(data, spec) if i < INLINE_PER_REQUEST else None
+            for i, data in enumerate(uploads)]
+        pooled = [i for i, outcome in enumerate(done) if outcome is None]
+        if pooled:
+            assert self._decode_pool is not None
+            loop, s = asyncio.get_running_loop(), self.settings
+            jobs = [loop.run_in_executor(self._decode_pool, _prepare_job, uploads[i], spec,
+                                         s.max_image_pixels, s.max_image_header_pixels)
+                    for i in pooled]
+            for i, result in zip(pooled, await asyncio.gather(*jobs, return_exceptions=True),
+                                 strict=True):
+                done[i] = result
         span = self.tracing.request_span()
         for index, outcome in enumerate(done):
             if isinstance(outcome, ServiceError):
@@ -277,6 +290,21 @@ class Service:
                                    {"imgrec.image.index": index,
                                     "imgrec.image.bytes": len(uploads[index])})
         return out
+
+    def _decode_small(self, data: bytes, spec: InputSpec) -> Prepared | Exception | None:
+        """On the event loop, an upload that decodes to few pixels: for a 28x28 PNG the two
+        thread hops of the pool cost more than the decode. None: a larger one, for the pool.
+        A bad upload's refusal is returned, as the pool's gather returns it."""
+        s = self.settings
+        if s.decode_inline_pixels <= 0:
+            return None
+        try:
+            return _prepare_job(data, spec, s.max_image_pixels, s.max_image_header_pixels,
+                                s.decode_inline_pixels)
+        except NotSmall:
+            return None
+        except Exception as e:  # answered as the pool's outcomes are
+            return e
 
     async def infer_pixels(self, pixels: np.ndarray, namespace: str | None = None
                            ) -> list[ImageResult]:

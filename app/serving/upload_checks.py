@@ -1,7 +1,8 @@
 """Upload bytes -> the network's input pixels, with the checks that keep bad input harmless.
 
-Runs on the decode thread pool, never on the event loop. Torch-free: the pixels come from
-``app.model.decode``, the same code the trainer loads its images with.
+Runs on the decode thread pool, or on the event loop for an image that decodes to fewer than
+``decode_inline_pixels`` (``only_below``: it stops at the header otherwise). Torch-free: the
+pixels come from ``app.model.decode``, the same code the trainer loads its images with.
 
 Every upload is opened once; Pillow reads only the header. Before any pixel data is decoded:
 1. the format must be one of ``ALLOWED_FORMATS`` (415);
@@ -48,11 +49,18 @@ def check_header(fmt: str, width: int, height: int, max_header_pixels: int) -> N
                          f"{max_header_pixels}")
 
 
+class NotSmall(Exception):
+    """``prepare(..., only_below=N)`` found an image that decodes to N pixels or more: decode
+    it elsewhere (the decode pool), not where the caller stands (the event loop)."""
+
+
 def prepare(data: bytes, spec: InputSpec, max_pixels: int,
-            max_header_pixels: int = MAX_IMAGE_HEADER_PIXELS) -> bytes:
+            max_header_pixels: int = MAX_IMAGE_HEADER_PIXELS,
+            only_below: int | None = None) -> bytes:
     """Header checks, decode at the size needed, orientation, colour and the card's resize;
     returns the image's pixels as uint8 bytes in (channels, size, size) order. Normalisation is
-    the engine's, once per batch.
+    the engine's, once per batch. With ``only_below``, an image that passes the checks but
+    decodes to that many pixels or more raises NotSmall before any pixel is decoded.
 
     Bytes, not an array: the inference thread joins a batch's images into one buffer and hands
     it to the engine without a single call that lets go of the GIL (every release there can cost
@@ -77,6 +85,8 @@ def prepare(data: bytes, spec: InputSpec, max_pixels: int,
             raise ImageError(413, "image_too_large",
                              f"the {w}x{h} {fmt} image decodes to {plan.decoded_pixels} pixels; "
                              f"the limit is {max_pixels}")
+        if only_below is not None and plan.decoded_pixels >= only_below:
+            raise NotSmall
         try:
             return prepare_opened(im, data, plan, spec).tobytes()
         except DecodeError as e:
