@@ -76,7 +76,7 @@ async def test_max_wait_holds_a_batch_open_until_it_is_full() -> None:
     futs = [asyncio.ensure_future(b.submit(0, 5.0))]
     # the worker has taken the wake-up for item 0 and holds the batch open (a greedy worker
     # would now run [0] alone)
-    await until(lambda: b._wakeup is not None and not b._wakeup.is_set(),
+    await until(lambda: b.holding_open,
                 "the worker to hold the batch open")
     assert rec.batches == []
     futs += [asyncio.ensure_future(b.submit(i, 5.0)) for i in (1, 2)]
